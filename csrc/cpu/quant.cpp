@@ -1,0 +1,155 @@
+// CPU kernels of the FP8 quantization ops (SPEC §2): per-token 1 x group and per-block scaling and their
+// inverses. Scalar fp32 math identical to dsv3.ops.reference, so results match it bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "dsv3/fp8.h"
+#include "dsv3/ops.h"
+#include "dsv3/validate.h"
+
+namespace dsv3::cpu {
+namespace {
+
+// A [batch, rows, cols] view of the scales of a per-token-group op, whatever their layout.
+struct ScaleView {
+  float* data;
+  int64_t batch_stride, row_stride, group_stride, rows;
+  float& at(int64_t row, int64_t group) const {
+    return data[(row / rows) * batch_stride + (row % rows) * row_stride + group * group_stride];
+  }
+};
+
+ScaleView scale_view(const at::Tensor& scales, const at::Tensor& x) {
+  if (x.dim() == 1) return {scales.data_ptr<float>(), 0, 0, scales.stride(0), 1};
+  at::Tensor s3 = scales.dim() == 2 ? scales.unsqueeze(0) : scales.flatten(0, -3);
+  TORCH_INTERNAL_ASSERT(s3.data_ptr() == scales.data_ptr(), "scales must be viewable as 3-D");
+  return {s3.data_ptr<float>(), s3.stride(0), s3.stride(1), s3.stride(2), s3.size(1)};
+}
+
+// Grain sizes: enough elements per task to amortize the thread hand-off.
+int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elems_per_item)); }
+
+template <typename T>
+float group_amax(const T* x, int64_t n) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::fabs(static_cast<float>(x[i]));
+    nan |= std::isnan(v);
+    amax = std::fmax(amax, v);
+  }
+  return nan ? NAN : amax;
+}
+
+template <typename T>
+void quantize_group(const T* x, uint8_t* q, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) q[i] = float_to_e4m3(static_cast<float>(x[i]) / s);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size, bool ue8m0,
+                                                            bool col_major_scales) {
+  check_quantize_per_token_group(x_in, group_size, col_major_scales);
+  auto [q, scales] = alloc_quantize_per_token_group(x_in, group_size, col_major_scales);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t k = x.size(-1), rows = k == 0 ? 0 : x.numel() / k, groups = ceil_div(k, group_size);
+  if (rows == 0 || groups == 0) return {q, scales};
+  const ScaleView sv = scale_view(scales, x);
+  auto* qp = static_cast<uint8_t*>(q.data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_per_token_group", [&] {
+    const auto* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows * groups, grain_for(group_size), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = i / groups, g = i % groups, k0 = g * group_size;
+        const int64_t n = std::min(group_size, k - k0);
+        const scalar_t* src = xp + row * k + k0;
+        const float s = fp8_scale(group_amax(src, n), ue8m0);
+        sv.at(row, g) = s;
+        quantize_group(src, qp + row * k + k0, n, s);
+      }
+    });
+  });
+  return {q, scales};
+}
+
+at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& scales, int64_t group_size,
+                                      std::optional<at::ScalarType> out_dtype) {
+  const auto dt = out_dtype.value_or(at::kBFloat16);
+  check_dequantize_per_token_group(q_in, scales, group_size, dt);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor s = scales.dim() > 3 ? scales.flatten(0, -3) : scales;  // read-only: a copy is fine
+  auto out = at::empty(q.sizes(), q.options().dtype(dt));
+  const int64_t k = q.size(-1), rows = k == 0 ? 0 : q.numel() / k;
+  if (rows == 0) return out;
+  const ScaleView sv = scale_view(s, q);
+  const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "dequantize_per_token_group", [&] {
+    auto* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(k), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        for (int64_t i = 0; i < k; ++i)
+          op[row * k + i] = static_cast<scalar_t>(e4m3_to_float(qp[row * k + i]) * sv.at(row, i / group_size));
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w_in, int64_t block_size, bool ue8m0) {
+  check_quantize_per_block(w_in, block_size);
+  auto [q, scale_inv] = alloc_quantize_per_block(w_in, block_size);
+  const at::Tensor w = w_in.contiguous();
+  const int64_t n = w.size(-2), k = w.size(-1), batch = w.dim() == 3 ? w.size(0) : 1;
+  const int64_t nb = ceil_div(n, block_size), kb = ceil_div(k, block_size);
+  if (batch * nb * kb == 0) return {q, scale_inv};
+  auto* qp = static_cast<uint8_t*>(q.data_ptr());
+  float* sp = scale_inv.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "quantize_per_block", [&] {
+    const auto* wp = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, batch * nb * kb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bi = i / (nb * kb), r0 = (i / kb) % nb * block_size, c0 = i % kb * block_size;
+        const int64_t rn = std::min(block_size, n - r0), cn = std::min(block_size, k - c0);
+        const scalar_t* src = wp + (bi * n + r0) * k + c0;
+        float amax = 0.0f;
+        for (int64_t r = 0; r < rn; ++r) {
+          const float ra = group_amax(src + r * k, cn);
+          amax = std::isnan(ra) || std::isnan(amax) ? NAN : std::fmax(amax, ra);
+        }
+        const float s = fp8_scale(amax, ue8m0);
+        sp[i] = s;
+        for (int64_t r = 0; r < rn; ++r) quantize_group(src + r * k, qp + (bi * n + r0 + r) * k + c0, cn, s);
+      }
+    });
+  });
+  return {q, scale_inv};
+}
+
+at::Tensor dequantize_per_block(const at::Tensor& q_in, const at::Tensor& scale_inv_in, int64_t block_size,
+                                std::optional<at::ScalarType> out_dtype) {
+  const auto dt = out_dtype.value_or(at::kBFloat16);
+  check_dequantize_per_block(q_in, scale_inv_in, block_size, dt);
+  const at::Tensor q = q_in.contiguous(), s = scale_inv_in.contiguous();
+  auto out = at::empty(q.sizes(), q.options().dtype(dt));
+  const int64_t n = q.size(-2), k = q.size(-1), rows = q.numel() / std::max<int64_t>(k, 1);
+  const int64_t nb = ceil_div(n, block_size), kb = ceil_div(k, block_size);
+  if (q.numel() == 0) return out;
+  const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const float* sp = s.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "dequantize_per_block", [&] {
+    auto* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(k), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const float* srow = sp + ((row / n) * nb + (row % n) / block_size) * kb;
+        for (int64_t i = 0; i < k; ++i)
+          op[row * k + i] = static_cast<scalar_t>(e4m3_to_float(qp[row * k + i]) * srow[i / block_size]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace dsv3::cpu

@@ -1,0 +1,61 @@
+// Meta (fake-tensor) kernels: validate and allocate exactly as the real kernels do, compute nothing.
+// torch.compile traces the ops through these.
+#include "dsv3/ops.h"
+#include "dsv3/validate.h"
+
+#include <ATen/ATen.h>
+
+namespace dsv3::meta {
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x, int64_t group_size, bool ue8m0,
+                                                            bool col_major_scales) {
+  check_quantize_per_token_group(x, group_size, col_major_scales);
+  return alloc_quantize_per_token_group(x, group_size, col_major_scales);
+}
+
+at::Tensor dequantize_per_token_group(const at::Tensor& q, const at::Tensor& scales, int64_t group_size,
+                                      std::optional<at::ScalarType> out_dtype) {
+  const auto dt = out_dtype.value_or(at::kBFloat16);
+  check_dequantize_per_token_group(q, scales, group_size, dt);
+  return at::empty(q.sizes(), q.options().dtype(dt));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w, int64_t block_size, bool ue8m0) {
+  check_quantize_per_block(w, block_size);
+  return alloc_quantize_per_block(w, block_size);
+}
+
+at::Tensor dequantize_per_block(const at::Tensor& q, const at::Tensor& scale_inv, int64_t block_size,
+                                std::optional<at::ScalarType> out_dtype) {
+  const auto dt = out_dtype.value_or(at::kBFloat16);
+  check_dequantize_per_block(q, scale_inv, block_size, dt);
+  return at::empty(q.sizes(), q.options().dtype(dt));
+}
+
+void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                 at::Tensor& out) {
+  check_fp8_gemm_nt(a, sa, b, sb, out);
+}
+
+void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                      const at::Tensor& sb, const at::Tensor& m_indices, at::Tensor& out) {
+  check_m_grouped_contiguous(a, sa, b, sb, m_indices, out);
+}
+
+void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                  const at::Tensor& sb, const at::Tensor& masked_m, int64_t expected_m,
+                                  at::Tensor& out) {
+  check_m_grouped_masked(a, sa, b, sb, masked_m, expected_m, out);
+}
+
+void fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                       at::Tensor& out) {
+  check_fp8_gemm_wgrad_nt(a, sa, b, sb, out);
+}
+
+void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                 const at::Tensor& sb, at::IntArrayRef ks, at::Tensor& out) {
+  check_k_grouped_wgrad(a, sa, b, sb, ks, out);
+}
+
+}  // namespace dsv3::meta

@@ -1,0 +1,248 @@
+// Argument validation and output allocation for every op (see validate.h). Messages follow one pattern:
+// "<op>: <argument> must <expectation>, got <what was passed>".
+#include "dsv3/validate.h"
+
+#include <ATen/ATen.h>
+
+#include "dsv3/checks.h"
+
+namespace dsv3 {
+namespace {
+
+std::string shape_str(at::IntArrayRef s) { return c10::str(s); }
+
+void check_defined(const at::Tensor& t, const char* op, const char* name) {
+  DSV3_CHECK(t.defined(), op, name, " must be a tensor, got None");
+}
+
+void check_dtype(const at::Tensor& t, const char* op, const char* name, at::ScalarType dt) {
+  check_defined(t, op, name);
+  DSV3_CHECK_TYPE(t.scalar_type() == dt, op, name, " must be ", dt, ", got ", t.scalar_type());
+}
+
+void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  check_defined(t, op, name);
+  auto dt = t.scalar_type();
+  DSV3_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, name,
+                  " must be float32, bfloat16 or float16, got ", dt);
+}
+
+void check_out_dtype(at::ScalarType dt, const char* op, const char* name) {
+  DSV3_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, name,
+                  " must be float32, bfloat16 or float16, got ", dt);
+}
+
+void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  DSV3_CHECK(t.dim() == dim, op, name, " must be ", dim, "-D, got shape ", shape_str(t.sizes()));
+}
+
+void check_shape(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef expected,
+                 const char* meaning) {
+  DSV3_CHECK(t.sizes() == expected, op, name, " must have shape ", meaning, " = ", shape_str(expected),
+             ", got ", shape_str(t.sizes()));
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  DSV3_CHECK(t.device() == ref.device(), op, name, " must be on ", ref.device(), " like a, got ", t.device());
+}
+
+// K-major operand: unit stride along the last dim (rows may be padded).
+void check_k_major(const at::Tensor& t, const char* op, const char* name) {
+  DSV3_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, name,
+             " must be K-major (stride(-1) == 1, e.g. .contiguous()), got strides ", shape_str(t.strides()));
+  for (int64_t d = 0; d < t.dim(); ++d)
+    DSV3_CHECK(t.stride(d) >= 0, op, name, " must not have negative strides, got ", shape_str(t.strides()));
+}
+
+// Output written by the kernels: unit stride along the last dim and no two rows overlapping.
+void check_writable(const at::Tensor& t, const char* op, const char* name) {
+  check_k_major(t, op, name);
+  for (int64_t d = t.dim() - 2; d >= 0; --d) {
+    DSV3_CHECK(t.size(d) <= 1 || t.stride(d) >= t.size(d + 1) * t.stride(d + 1), op, name,
+               " must not have overlapping rows, got shape ", shape_str(t.sizes()), " and strides ",
+               shape_str(t.strides()));
+  }
+}
+
+void check_positive(int64_t v, const char* op, const char* name) {
+  DSV3_CHECK(v > 0, op, name, " must be positive, got ", v);
+}
+
+void check_scales(const at::Tensor& s, const char* op, const char* name, at::IntArrayRef expected,
+                  const char* meaning, const at::Tensor& a) {
+  check_dtype(s, op, name, at::kFloat);
+  check_same_device(s, a, op, name);
+  check_shape(s, op, name, expected, meaning);
+}
+
+// Shared by every GEMM: e4m3 operands with the same K on one device, fp32 scales.
+void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t a_dim,
+                         int64_t b_dim) {
+  check_dtype(a, op, "a", at::kFloat8_e4m3fn);
+  check_dtype(b, op, "b", at::kFloat8_e4m3fn);
+  check_dim(a, op, "a", a_dim);
+  check_dim(b, op, "b", b_dim);
+  check_same_device(b, a, op, "b");
+  check_k_major(a, op, "a");
+  check_k_major(b, op, "b");
+  DSV3_CHECK(b.size(-1) == a.size(-1), op, "b must have K = ", a.size(-1), " columns like a, got shape ",
+             shape_str(b.sizes()));
+}
+
+void check_gemm_out(const char* op, const at::Tensor& out, const at::Tensor& a, at::IntArrayRef expected,
+                    const char* meaning, bool fp32_only) {
+  check_defined(out, op, "out");
+  if (fp32_only) {
+    check_dtype(out, op, "out", at::kFloat);
+  } else {
+    DSV3_CHECK_TYPE(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, op,
+                    "out must be bfloat16 or float32, got ", out.scalar_type());
+  }
+  check_same_device(out, a, op, "out");
+  check_shape(out, op, "out", expected, meaning);
+  check_writable(out, op, "out");
+}
+
+at::Tensor alloc_scales(at::IntArrayRef lead, int64_t m, int64_t groups, bool col_major,
+                        const at::TensorOptions& opts) {
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  shape.push_back(m);
+  shape.push_back(groups);
+  if (!col_major) return at::empty(shape, opts);
+  // MN-major storage [..., groups, m_pad] viewed as [..., m, groups]: the TMA-aligned layout.
+  const int64_t m_pad = ceil_div(m, 4) * 4;
+  std::vector<int64_t> storage(lead.begin(), lead.end());
+  storage.push_back(groups);
+  storage.push_back(m_pad);
+  return at::zeros(storage, opts).transpose(-1, -2).narrow(-2, 0, m);
+}
+
+}  // namespace
+
+void check_quantize_per_token_group(const at::Tensor& x, int64_t group_size, bool col_major_scales) {
+  const char* op = "quantize_per_token_group";
+  check_float_input(x, op, "x");
+  DSV3_CHECK(x.dim() >= 1, op, "x must have at least 1 dimension, got a scalar");
+  DSV3_CHECK(!col_major_scales || x.dim() >= 2, op, "x must be at least 2-D for col_major_scales=True, got ",
+             "shape ", shape_str(x.sizes()));
+  check_positive(group_size, op, "group_size");
+}
+
+std::tuple<at::Tensor, at::Tensor> alloc_quantize_per_token_group(const at::Tensor& x, int64_t group_size,
+                                                                  bool col_major_scales) {
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
+  const int64_t groups = ceil_div(x.size(-1), group_size);
+  const auto opts = x.options().dtype(at::kFloat);
+  if (x.dim() == 1) return {q, at::empty({groups}, opts)};
+  auto lead = x.sizes().slice(0, x.dim() - 2);
+  return {q, alloc_scales(lead, x.size(-2), groups, col_major_scales, opts)};
+}
+
+void check_dequantize_per_token_group(const at::Tensor& q, const at::Tensor& scales, int64_t group_size,
+                                      at::ScalarType out_dtype) {
+  const char* op = "dequantize_per_token_group";
+  check_dtype(q, op, "q", at::kFloat8_e4m3fn);
+  DSV3_CHECK(q.dim() >= 1, op, "q must have at least 1 dimension, got a scalar");
+  check_positive(group_size, op, "group_size");
+  check_out_dtype(out_dtype, op, "out_dtype");
+  std::vector<int64_t> expected(q.sizes().begin(), q.sizes().end());
+  expected.back() = ceil_div(q.size(-1), group_size);
+  check_scales(scales, op, "scales", expected, "[..., ceil(K / group_size)]", q);
+}
+
+void check_quantize_per_block(const at::Tensor& w, int64_t block_size) {
+  const char* op = "quantize_per_block";
+  check_float_input(w, op, "w");
+  DSV3_CHECK(w.dim() == 2 || w.dim() == 3, op, "w must be 2-D [N, K] or 3-D [G, N, K], got shape ",
+             shape_str(w.sizes()));
+  check_positive(block_size, op, "block_size");
+}
+
+std::tuple<at::Tensor, at::Tensor> alloc_quantize_per_block(const at::Tensor& w, int64_t block_size) {
+  std::vector<int64_t> s(w.sizes().begin(), w.sizes().end());
+  s[s.size() - 2] = ceil_div(w.size(-2), block_size);
+  s[s.size() - 1] = ceil_div(w.size(-1), block_size);
+  return {at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)), at::empty(s, w.options().dtype(at::kFloat))};
+}
+
+void check_dequantize_per_block(const at::Tensor& q, const at::Tensor& scale_inv, int64_t block_size,
+                                at::ScalarType out_dtype) {
+  const char* op = "dequantize_per_block";
+  check_dtype(q, op, "q", at::kFloat8_e4m3fn);
+  DSV3_CHECK(q.dim() == 2 || q.dim() == 3, op, "q must be 2-D [N, K] or 3-D [G, N, K], got shape ",
+             shape_str(q.sizes()));
+  check_positive(block_size, op, "block_size");
+  check_out_dtype(out_dtype, op, "out_dtype");
+  std::vector<int64_t> expected(q.sizes().begin(), q.sizes().end());
+  expected[expected.size() - 2] = ceil_div(q.size(-2), block_size);
+  expected[expected.size() - 1] = ceil_div(q.size(-1), block_size);
+  check_scales(scale_inv, op, "scale_inv", expected, "[..., ceil(N / block_size), ceil(K / block_size)]", q);
+}
+
+void check_fp8_gemm_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                       const at::Tensor& out) {
+  const char* op = "fp8_gemm_nt";
+  check_gemm_operands(op, a, b, 2, 2);
+  const int64_t m = a.size(0), n = b.size(0), kb = ceil_div(a.size(1), kGemmBlock);
+  check_scales(sa, op, "sa", {m, kb}, "[M, ceil(K/128)]", a);
+  check_scales(sb, op, "sb", {ceil_div(n, kGemmBlock), kb}, "[ceil(N/128), ceil(K/128)]", a);
+  check_gemm_out(op, out, a, {m, n}, "[M, N]", false);
+}
+
+void check_m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                const at::Tensor& sb, const at::Tensor& m_indices, const at::Tensor& out) {
+  const char* op = "m_grouped_fp8_gemm_nt_contiguous";
+  check_gemm_operands(op, a, b, 2, 3);
+  const int64_t m = a.size(0), g = b.size(0), n = b.size(1), kb = ceil_div(a.size(1), kGemmBlock);
+  check_scales(sa, op, "sa", {m, kb}, "[sum(M), ceil(K/128)]", a);
+  check_scales(sb, op, "sb", {g, ceil_div(n, kGemmBlock), kb}, "[G, ceil(N/128), ceil(K/128)]", a);
+  check_dtype(m_indices, op, "m_indices", at::kInt);
+  check_same_device(m_indices, a, op, "m_indices");
+  check_shape(m_indices, op, "m_indices", {m}, "[sum(M)]");
+  check_gemm_out(op, out, a, {m, n}, "[sum(M), N]", false);
+}
+
+void check_m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                            const at::Tensor& sb, const at::Tensor& masked_m, int64_t expected_m,
+                            const at::Tensor& out) {
+  const char* op = "m_grouped_fp8_gemm_nt_masked";
+  check_gemm_operands(op, a, b, 3, 3);
+  const int64_t g = a.size(0), m = a.size(1), n = b.size(1), kb = ceil_div(a.size(2), kGemmBlock);
+  DSV3_CHECK(b.size(0) == g, op, "b must have G = ", g, " groups like a, got shape ", shape_str(b.sizes()));
+  check_scales(sa, op, "sa", {g, m, kb}, "[G, M_max, ceil(K/128)]", a);
+  check_scales(sb, op, "sb", {g, ceil_div(n, kGemmBlock), kb}, "[G, ceil(N/128), ceil(K/128)]", a);
+  check_dtype(masked_m, op, "masked_m", at::kInt);
+  check_same_device(masked_m, a, op, "masked_m");
+  check_shape(masked_m, op, "masked_m", {g}, "[G]");
+  DSV3_CHECK(expected_m >= 0, op, "expected_m must be non-negative, got ", expected_m);
+  check_gemm_out(op, out, a, {g, m, n}, "[G, M_max, N]", false);
+}
+
+void check_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                             const at::Tensor& sb, const at::Tensor& out) {
+  const char* op = "fp8_gemm_wgrad_nt";
+  check_gemm_operands(op, a, b, 2, 2);
+  const int64_t m = a.size(0), n = b.size(0), kb = ceil_div(a.size(1), kGemmBlock);
+  check_scales(sa, op, "sa", {m, kb}, "[M, ceil(K/128)]", a);
+  check_scales(sb, op, "sb", {n, kb}, "[N, ceil(K/128)]", a);
+  check_gemm_out(op, out, a, {m, n}, "[M, N]", true);
+}
+
+void check_k_grouped_wgrad(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                           const at::Tensor& sb, at::IntArrayRef ks, const at::Tensor& out) {
+  const char* op = "k_grouped_fp8_gemm_wgrad_nt";
+  check_gemm_operands(op, a, b, 2, 2);
+  int64_t k_total = 0, kb_total = 0;
+  for (size_t g = 0; g < ks.size(); ++g) {
+    DSV3_CHECK(ks[g] >= 0, op, "ks must be non-negative, got ks[", g, "] = ", ks[g]);
+    k_total += ks[g];
+    kb_total += ceil_div(ks[g], kGemmBlock);
+  }
+  DSV3_CHECK(k_total == a.size(1), op, "ks must sum to K = ", a.size(1), " (the columns of a), got ", k_total);
+  const int64_t m = a.size(0), n = b.size(0), g = static_cast<int64_t>(ks.size());
+  check_scales(sa, op, "sa", {m, kb_total}, "[M, sum(ceil(ks/128))]", a);
+  check_scales(sb, op, "sb", {n, kb_total}, "[N, sum(ceil(ks/128))]", a);
+  check_gemm_out(op, out, a, {g, m, n}, "[len(ks), M, N]", true);
+}
+
+}  // namespace dsv3

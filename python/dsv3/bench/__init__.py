@@ -1,0 +1,14 @@
+"""dsv3's microbenchmark suite: `dsv3 bench <family>` or `python -m dsv3.bench <family>`."""
+
+from __future__ import annotations
+
+import importlib
+
+FAMILIES = {"gemm": "dsv3.bench.gemm"}
+
+
+def run(argv: list[str]) -> int:
+    if not argv or argv[0] not in FAMILIES:
+        print(f"usage: dsv3 bench {{{','.join(FAMILIES)}}} [options]   (--help after the family for its options)")
+        return 2
+    return importlib.import_module(FAMILIES[argv[0]]).main(argv[1:])
