@@ -1,0 +1,130 @@
+"""Times dsv3's CUDA FP8 quantization kernels at DeepSeek-V3 shapes and reports the memory bandwidth they
+reach, beside a device-to-device copy (the ceiling) and the plain-PyTorch reference on the same GPU.
+
+    python benchmarks/gpu_bench.py [--iters 30] [--json FILE]
+
+Each time is the median of `iters` CUDA-event measurements after warm-up, with a 256 MB buffer written
+before every run so each starts with a cold L2 (H200: 60 MB). Bytes counted: input read + fp8 output + scales
+written (dequantize: fp8 + scales read, output written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from dsv3 import ops
+from dsv3.ops import reference
+
+FLUSH_BYTES = 256 << 20
+WARMUP = 3
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    variant: str
+    kernel_us: float
+    kernel_gbs: float
+    copy_fraction: float  # kernel_gbs / copy_gbs
+    reference_us: float
+    speedup_vs_reference: float
+
+
+def time_us(fn: Callable[[], object], flush: torch.Tensor, iters: int) -> float:
+    """Median CUDA-event time of fn in microseconds, L2 flushed before each run."""
+    for _ in range(WARMUP):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends, strict=True):
+        flush.fill_(1)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_bandwidth_gbs(flush: torch.Tensor, iters: int) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written: the bandwidth a streaming kernel can reach."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), flush, iters)
+    return 2 * src.numel() / us / 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--json", type=Path, metavar="FILE")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    copy_gbs = copy_bandwidth_gbs(flush, args.iters)
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
+
+    def cuda_randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(shape, device="cuda", dtype=torch.float32).to(dtype)
+
+    x = cuda_randn(4096, 7168)  # activations of a 4096-token prefill, hidden 7168
+    x_decode = cuda_randn(128, 7168)
+    w = cuda_randn(7168, 16384)  # the largest V3 weight shape (N = 7168, K = 16384)
+    w_master = w.float()  # FP32 master weights, quantized every training step
+    qx, sx = ops.quantize_per_token_group(x)
+    qw, sw = ops.quantize_per_block(w)
+
+    cases = [
+        ("quantize_per_token_group", x, "row-major", lambda: ops.quantize_per_token_group(x),
+         lambda: reference.quantize_per_token_group(x), nbytes(x, qx, sx)),
+        ("quantize_per_token_group", x, "col-major ue8m0",
+         lambda: ops.quantize_per_token_group(x, 128, ue8m0=True, col_major_scales=True),
+         lambda: reference.quantize_per_token_group(x, 128, True, True), nbytes(x, qx, sx)),
+        ("quantize_per_token_group", x_decode, "row-major", lambda: ops.quantize_per_token_group(x_decode),
+         lambda: reference.quantize_per_token_group(x_decode), nbytes(x_decode, qx[:128], sx[:128])),
+        ("dequantize_per_token_group", x, "to bf16", lambda: ops.dequantize_per_token_group(qx, sx),
+         lambda: reference.dequantize_per_token_group(qx, sx), nbytes(qx, sx, x)),
+        ("quantize_per_block", w, "", lambda: ops.quantize_per_block(w),
+         lambda: reference.quantize_per_block(w), nbytes(w, qw, sw)),
+        ("quantize_per_block", w_master, "", lambda: ops.quantize_per_block(w_master),
+         lambda: reference.quantize_per_block(w_master), nbytes(w_master, qw, sw)),
+        ("dequantize_per_block", w, "to bf16", lambda: ops.dequantize_per_block(qw, sw),
+         lambda: reference.dequantize_per_block(qw, sw), nbytes(qw, sw, w)),
+    ]  # fmt: skip
+    rows = []
+    for op, t, variant, kernel, ref, moved in cases:
+        kernel_us = time_us(kernel, flush, args.iters)
+        reference_us = time_us(ref, flush, max(5, args.iters // 4))
+        gbs = moved / kernel_us / 1e3
+        rows.append(
+            Row(op, "x".join(map(str, t.shape)), str(t.dtype).removeprefix("torch."), variant, kernel_us, gbs,
+                gbs / copy_gbs, reference_us, reference_us / kernel_us)
+        )  # fmt: skip
+
+    header = f"{'op':<28} {'shape':<12} {'dtype':<9} {'variant':<16} {'us':>9} "
+    header += f"{'GB/s':>7} {'of copy':>8} {'vs ref':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.op:<28} {r.shape:<12} {r.dtype:<9} {r.variant:<16} {r.kernel_us:>9.1f} {r.kernel_gbs:>7.0f} "
+            f"{r.copy_fraction:>8.0%} {r.speedup_vs_reference:>6.1f}x"
+        )
+    if args.json:
+        record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbs": copy_gbs}
+        args.json.write_text(json.dumps({**record, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""SASS audit of dsv3's CUDA kernels (SPEC §8): disassemble the built library with cuobjdump and check
+every kernel against RULES: the instructions it must contain (the fp8 conversions, WGMMA, TMA, ...), the
+ones it must not (local memory: LDL/STL), and its registers/stack/local memory from `cuobjdump -res-usage`.
+Every kernel must match a rule, so a new kernel fails the audit until it gets one.
+
+    python tools/sass_audit.py [path/to/_C*.so] [--json FILE]
+
+Exit status: 0 every kernel passes; 1 a kernel fails or matches no rule; 2 nothing to audit (no CUDA code
+in the library, or cuobjdump / c++filt missing). Pure standard library: runs without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# ---- rules: first match wins (order specific -> general). `kernel` is searched in the demangled name
+# with "(anonymous namespace)::", the return type and the parameter list removed, e.g.
+# "dsv3::cuda::quantize_token_groups_kernel<__nv_bfloat16, 8>". `require`/`forbid` are searched in each
+# instruction ("OPCODE operands", predicate removed). An sm_90a FP8 GEMM kernel's rule would require
+# r"^QGMMA\." (fp8 wgmma; r"^HGMMA\." for bf16) and r"^UTMALDG" (TMA loads), with its register budget.
+
+LOCAL_MEMORY = (r"^LDL\b", r"^STL\b")  # spills and stack arrays live in local memory
+
+E4M3_PACK = r"^F2FP\.SATFINITE\.E4M3\.F32\.PACK_AB"  # cvt.rn.satfinite.e4m3x2.f32: two fp32 -> e4m3
+E4M3_UNPACK = r"^F2FP\.F16\.E4M3\.UNPACK_B"  # cvt.rn.f16x2.e4m3x2: two e4m3 -> f16 (exact)
+WIDE_TYPES_16B = r"<(float, 4|__nv_bfloat16, 8|__half, 8)>"  # the 16-byte vector instantiations
+LOAD_16B, STORE_16B = r"^LDG\.E\.128", r"^STG\.E\.128"
+WARP_REDUCE, CTA_BARRIER = r"^SHFL\.BFLY", r"^BAR\.SYNC"
+# __launch_bounds__(256, 3) in csrc/cuda/quant.cu: three CTAs of 256 threads per SM, <= 80 registers.
+QUANT_MAX_REGISTERS = 80
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    kernel: str  # regex searched in the kernel's short name
+    require: tuple[str, ...] = ()  # each must match at least one instruction
+    forbid: tuple[str, ...] = LOCAL_MEMORY  # none may match any instruction
+    max_registers: int | None = None
+    max_stack: int = 0  # bytes, from -res-usage STACK
+    max_local: int = 0  # bytes, from -res-usage LOCAL
+    arch: str = r"^sm_90a$"  # regex on the cubin's arch; a kernel built for another arch needs its own rule
+
+
+RULES: list[Rule] = [
+    Rule(
+        "fp8 quantize, per-token groups, 16-byte loads",
+        r"::quantize_token_groups_kernel" + WIDE_TYPES_16B,
+        require=(E4M3_PACK, LOAD_16B, WARP_REDUCE),
+        max_registers=QUANT_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 quantize, per-block, 16-byte loads",
+        r"::quantize_blocks_kernel" + WIDE_TYPES_16B,
+        require=(E4M3_PACK, LOAD_16B, WARP_REDUCE, CTA_BARRIER),
+        max_registers=QUANT_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 quantize, single-element fallback (unaligned k or pointers)",
+        r"::quantize_(token_groups|blocks)_kernel<\w+, 1>",
+        require=(E4M3_PACK,),
+        max_registers=QUANT_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 dequantize, 16-byte stores",
+        r"::dequantize_(token_groups|blocks)_kernel" + WIDE_TYPES_16B,
+        require=(E4M3_UNPACK, STORE_16B),
+        max_registers=QUANT_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 dequantize, single-element fallback",
+        r"::dequantize_(token_groups|blocks)_kernel<\w+, 1>",
+        require=(E4M3_UNPACK,),
+        max_registers=QUANT_MAX_REGISTERS,
+    ),
+]
+
+# ---- locating the tools and the library
+
+
+class AuditError(Exception):
+    """Nothing to audit: exit status 2."""
+
+
+def find_cuobjdump() -> str | None:
+    """$CUOBJDUMP, then PATH, then $CUDA_HOME/bin, then the copy shipped in the triton wheel."""
+    candidates = [os.environ.get("CUOBJDUMP"), shutil.which("cuobjdump")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "cuobjdump"))
+    spec = importlib.util.find_spec("triton")  # locates the package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(str(Path(location) / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK) and Path(c).is_file()), None)
+
+
+def find_library() -> Path:
+    """dsv3/_C*.so of the importable dsv3 package, found without importing dsv3 (and so torch)."""
+    spec = importlib.util.find_spec("dsv3")
+    if spec is None or not spec.submodule_search_locations:
+        raise AuditError("dsv3 is not importable here; pass the library path (e.g. build/.../_C*.so)")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("_C*.so"))
+        if found:
+            return found[0]
+    raise AuditError(
+        f"no _C*.so next to dsv3 in {list(spec.submodule_search_locations)}; pass the library path"
+    )
+
+
+def run_tool(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+
+
+def disassemble(cuobjdump: str, library: Path) -> tuple[str, str]:
+    """(`cuobjdump -sass` text, `cuobjdump -res-usage` text) of the library."""
+    outputs = []
+    for flag in ("-sass", "-res-usage"):
+        proc = run_tool([cuobjdump, flag, str(library)])
+        text = proc.stdout + proc.stderr
+        if "does not contain device code" in text:
+            raise AuditError(f"{library} contains no CUDA code (was dsv3 built with DSV3_CUDA=on?)")
+        if proc.returncode != 0:
+            raise AuditError(f"{cuobjdump} {flag} {library} failed ({proc.returncode}): {text.strip()[:500]}")
+        outputs.append(proc.stdout)
+    return outputs[0], outputs[1]
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> demangled, through c++filt ($CXXFILT or PATH), one call for all names."""
+    tool = os.environ.get("CXXFILT") or shutil.which("c++filt")
+    if tool is None:
+        raise AuditError("c++filt not found (binutils); set CXXFILT to a demangler that reads names on stdin")
+    proc = run_tool([tool], stdin="\n".join(names) + "\n")
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(lines) != len(names):
+        raise AuditError(f"{tool} failed to demangle {len(names)} names: {proc.stderr.strip()[:300]}")
+    return dict(zip(names, lines, strict=True))
+
+
+def short_name(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::k<T, 8>(T const*, int)' -> 'ns::k<T, 8>'."""
+    name = demangled.replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    return re.sub(r"^void\s+", "", name).strip()
+
+
+# ---- parsing cuobjdump output
+
+
+@dataclasses.dataclass
+class Kernel:
+    arch: str
+    mangled: str
+    instructions: list[str] = dataclasses.field(default_factory=list)
+    resources: dict[str, int] = dataclasses.field(default_factory=dict)
+    name: str = ""  # short demangled name (short_name); the mangled name until demangled
+
+
+_ARCH_RE = re.compile(r"^\s*arch = (\S+)")
+_FUNCTION_RE = re.compile(r"^\s*Function : (\S+)")
+# "        /*0040*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;   /* 0x... */" -> "LDG.E.128 R4, desc[UR4][R2.64]"
+_INSTRUCTION_RE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*[^;]*?)\s*;")
+_RES_FUNCTION_RE = re.compile(r"^\s*Function (\S+):\s*$")
+_RES_FIELD_RE = re.compile(r"([A-Z]+(?:\[\d+\])?):(\d+)")
+
+
+def parse_sass(text: str) -> list[Kernel]:
+    """Split `cuobjdump -sass` output into kernels, in order (one entry per cubin the kernel is in)."""
+    kernels: list[Kernel] = []
+    arch = "unknown"
+    for line in text.splitlines():
+        if m := _ARCH_RE.match(line):
+            arch = m.group(1)
+        elif m := _FUNCTION_RE.match(line):
+            kernels.append(Kernel(arch=arch, mangled=m.group(1), name=m.group(1)))
+        elif kernels and (m := _INSTRUCTION_RE.match(line)):
+            kernels[-1].instructions.append(re.sub(r"\s+", " ", m.group(1)))
+    return kernels
+
+
+def parse_res_usage(text: str) -> list[tuple[str, str, dict[str, int]]]:
+    """(arch, mangled name, {"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}) in output order."""
+    entries: list[tuple[str, str, dict[str, int]]] = []
+    arch, function = "unknown", None
+    for line in text.splitlines():
+        if m := _ARCH_RE.match(line):
+            arch = m.group(1)
+        elif m := _RES_FUNCTION_RE.match(line):
+            function = m.group(1)
+        elif function is not None and (fields := _RES_FIELD_RE.findall(line)):
+            entries.append((arch, function, {key: int(value) for key, value in fields}))
+            function = None
+    return entries
+
+
+def attach_resources(kernels: list[Kernel], usage: list[tuple[str, str, dict[str, int]]]) -> None:
+    """Pair kernels with their -res-usage entries (both listings keep cubin order, so the n-th occurrence
+    of (arch, name) in one is the n-th in the other)."""
+    pending: dict[tuple[str, str], list[dict[str, int]]] = {}
+    for arch, name, fields in usage:
+        pending.setdefault((arch, name), []).append(fields)
+    for kernel in kernels:
+        queue = pending.get((kernel.arch, kernel.mangled))
+        if queue:
+            kernel.resources = queue.pop(0)
+
+
+# ---- checking
+
+
+@dataclasses.dataclass
+class Verdict:
+    kernel: Kernel
+    rule: Rule | None
+    missing: list[str]  # required patterns with no matching instruction
+    forbidden: dict[str, int]  # forbidden pattern -> number of matching instructions
+    limits: list[str]  # resource limits exceeded, e.g. "REG 96 > 80"
+
+    @property
+    def ok(self) -> bool:
+        return self.rule is not None and not self.missing and not self.forbidden and not self.limits
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "kernel": self.kernel.name,
+            "mangled": self.kernel.mangled,
+            "arch": self.kernel.arch,
+            "rule": self.rule.name if self.rule else None,
+            "registers": self.kernel.resources.get("REG"),
+            "shared_bytes": self.kernel.resources.get("SHARED"),
+            "stack_bytes": self.kernel.resources.get("STACK"),
+            "local_bytes": self.kernel.resources.get("LOCAL"),
+            "instructions": len(self.kernel.instructions),
+            "missing_required": self.missing,
+            "forbidden_found": self.forbidden,
+            "limits_exceeded": self.limits,
+            "ok": self.ok,
+        }
+
+
+def match_rule(kernel: Kernel, rules: list[Rule]) -> Rule | None:
+    return next(
+        (r for r in rules if re.search(r.arch, kernel.arch) and re.search(r.kernel, kernel.name)), None
+    )
+
+
+def check(kernel: Kernel, rules: list[Rule]) -> Verdict:
+    rule = match_rule(kernel, rules)
+    if rule is None:
+        return Verdict(kernel, None, [], {}, [])
+    missing = [p for p in rule.require if not any(re.search(p, ins) for ins in kernel.instructions)]
+    forbidden = {
+        p: n for p in rule.forbid if (n := sum(bool(re.search(p, ins)) for ins in kernel.instructions))
+    }
+    limits = []
+    if not kernel.resources:
+        limits.append("no -res-usage entry")
+    else:
+        for key, limit in (("REG", rule.max_registers), ("STACK", rule.max_stack), ("LOCAL", rule.max_local)):
+            value = kernel.resources.get(key)
+            if limit is not None and value is not None and value > limit:
+                limits.append(f"{key} {value} > {limit}")
+    return Verdict(kernel, rule, missing, forbidden, limits)
+
+
+def audit(sass: str, res_usage: str, rules: list[Rule], names: dict[str, str] | None = None) -> list[Verdict]:
+    """Parse both listings and check every kernel. `names` maps mangled -> demangled (identity if absent)."""
+    kernels = parse_sass(sass)
+    attach_resources(kernels, parse_res_usage(res_usage))
+    for kernel in kernels:
+        kernel.name = short_name((names or {}).get(kernel.mangled, kernel.mangled))
+    return [check(kernel, rules) for kernel in kernels]
+
+
+# ---- report
+
+
+def format_table(verdicts: list[Verdict]) -> str:
+    def cell(v: object) -> str:
+        return "-" if v is None else str(v)
+
+    header = ("kernel", "arch", "regs", "smem", "stack", "required", "forbidden", "verdict")
+    rows = []
+    for v in verdicts:
+        res = v.kernel.resources
+        required = (
+            "no rule" if v.rule is None else ("missing " + ", ".join(v.missing) if v.missing else "all")
+        )
+        forbidden = ", ".join(f"{p} x{n}" for p, n in v.forbidden.items()) or "none"
+        verdict = "PASS" if v.ok else "FAIL" + (f" ({'; '.join(v.limits)})" if v.limits else "")
+        rows.append(
+            (
+                v.kernel.name,
+                v.kernel.arch,
+                cell(res.get("REG")),
+                cell(res.get("SHARED")),
+                cell(res.get("STACK")),
+                required,
+                forbidden,
+                verdict,
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("library", nargs="?", type=Path, help="the dsv3 extension (default: dsv3/_C*.so)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    try:
+        library = args.library or find_library()
+        if not library.is_file():
+            raise AuditError(f"{library} does not exist")
+        cuobjdump = find_cuobjdump()
+        if cuobjdump is None:
+            raise AuditError("cuobjdump not found: set CUOBJDUMP, put it on PATH, or install triton")
+        sass, res_usage = disassemble(cuobjdump, library)
+        mangled = sorted({k.mangled for k in parse_sass(sass)})
+        if not mangled:
+            raise AuditError(f"{library} has no SASS kernels (PTX only, or no CUDA code)")
+        verdicts = audit(sass, res_usage, RULES, demangle(mangled))
+    except AuditError as err:
+        print(f"sass_audit: {err}", file=sys.stderr)
+        return 2
+    print(f"{library} ({cuobjdump})")
+    print(format_table(verdicts))
+    failed = [v for v in verdicts if not v.ok]
+    if args.json:
+        summary = {"library": str(library), "kernels": len(verdicts), "failed": len(failed)}
+        args.json.write_text(
+            json.dumps({**summary, "results": [v.as_dict() for v in verdicts]}, indent=2) + "\n"
+        )
+    print(f"{len(verdicts) - len(failed)}/{len(verdicts)} kernels pass")
+    for v in failed:
+        if v.rule is None:
+            print(
+                f"  {v.kernel.name}: matches no rule; add one to RULES in tools/sass_audit.py",
+                file=sys.stderr,
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
