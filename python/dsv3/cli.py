@@ -27,7 +27,10 @@ def _info(_args) -> int:
         cpu_desc += " (forced; this CPU has AVX-512)"
     lines = [
         ("dsv3", info["version"]),
-        ("torch", f"{torch.__version__} (built against {info['torch']}; CUDA {torch.version.cuda or 'none'})"),
+        (
+            "torch",
+            f"{torch.__version__} (built against {info['torch']}; CUDA {torch.version.cuda or 'none'})",
+        ),
         ("python", platform.python_version()),
         ("CUDA kernels", archs),
         ("GPU", gpu),

@@ -9,6 +9,7 @@ FAMILIES = {"gemm": "dsv3.bench.gemm"}
 
 def run(argv: list[str]) -> int:
     if not argv or argv[0] not in FAMILIES:
-        print(f"usage: dsv3 bench {{{','.join(FAMILIES)}}} [options]   (--help after the family for its options)")
+        families = ",".join(FAMILIES)
+        print(f"usage: dsv3 bench {{{families}}} [options]   (--help after the family for its options)")
         return 2
     return importlib.import_module(FAMILIES[argv[0]]).main(argv[1:])

@@ -24,7 +24,15 @@ from dsv3 import ops
 from .timing import time_side_by_side
 
 # (N, K) of DeepSeek-V3's FP8 GEMMs: fused q_a+kv_a, kv_a, q_b, kv_b, o_proj, expert gate+up, expert down.
-V3_SHAPES = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+V3_SHAPES = [
+    (2112, 7168),
+    (576, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+]
 DEFAULT_MS = [1, 16, 128, 512, 2048]
 
 
@@ -51,7 +59,9 @@ def bench_case(m: int, n: int, k: int, device: str, baselines: list[str]) -> dic
         fns["fp32"] = lambda: torch.matmul(x32, w32.t())
     if "smm" in baselines:
         s_row, s_col = sa[:, :1].contiguous(), sb.new_ones(1, n)
-        fns["smm"] = lambda: torch._scaled_mm(a, b.t(), scale_a=s_row, scale_b=s_col, out_dtype=torch.bfloat16)
+        fns["smm"] = lambda: torch._scaled_mm(
+            a, b.t(), scale_a=s_row, scale_b=s_col, out_dtype=torch.bfloat16
+        )
     if "deq" in baselines:
         fns["deq"] = lambda: _deq_matmul(a, sa, b, sb)
     times = time_side_by_side(fns, device=device)
@@ -82,8 +92,12 @@ def _print_table(rows: list[dict], baselines: list[str]) -> None:
         ratios = "".join(
             f" {r['speedup'][b]:>8.2f}{'*' if r['times'][b]['rounds'] == 1 else ' '}" for b in baselines
         )
-        print(f"{r['m']:>5} {r['n']:>6} {r['k']:>6} | {r['dsv3_gflops']:>8.1f} {r['dsv3_gbps']:>7.1f} |{ratios}")
-    print("x B = dsv3 speed / baseline B speed (> 1: dsv3 faster); * = baseline timed once (too slow to repeat)")
+        print(
+            f"{r['m']:>5} {r['n']:>6} {r['k']:>6} | {r['dsv3_gflops']:>8.1f} {r['dsv3_gbps']:>7.1f} |{ratios}"
+        )
+    print(
+        "x B = dsv3 speed / baseline B speed (> 1: dsv3 faster); * = baseline timed once (too slow to repeat)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,14 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     baselines = [b for b in args.baselines.split(",") if b]
     ms = [int(v) for v in args.m.split(",")]
-    print(f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
-          f"cpu path {dsv3.build_info()['cpu_path']}", flush=True)
+    print(
+        f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {args.device}, "
+        f"{torch.get_num_threads()} threads, cpu path {dsv3.build_info()['cpu_path']}",
+        flush=True,
+    )
     rows = []
     for m in ms:
         for n, k in _parse_shapes(args.shapes):
             rows.append(bench_case(m, n, k, args.device, baselines))
             r = rows[-1]
-            print(f"  M={m} N={n} K={k}: {r['dsv3_gflops']:.1f} GFLOP/s, {r['dsv3_gbps']:.1f} GB/s", flush=True)
+            print(
+                f"  M={m} N={n} K={k}: {r['dsv3_gflops']:.1f} GFLOP/s, {r['dsv3_gbps']:.1f} GB/s", flush=True
+            )
     _print_table(rows, baselines)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

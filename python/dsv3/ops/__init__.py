@@ -113,7 +113,9 @@ def m_grouped_fp8_gemm_nt_masked(
     """Group g computes rows `[0, masked_m[g])` of `a [G, M_max, K]`; other rows of `out` are untouched
     (zeros when `out` is allocated here). `expected_m` is a hint for the kernel configuration."""
     out = _out(out, (a.shape[0], a.shape[1], b.shape[1]), a, out_dtype, zero=True)
-    _ops.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, a.shape[1] if expected_m is None else expected_m, out)
+    _ops.m_grouped_fp8_gemm_nt_masked(
+        a, sa, b, sb, masked_m, a.shape[1] if expected_m is None else expected_m, out
+    )
     return out
 
 

@@ -134,7 +134,11 @@ def k_grouped_fp8_gemm_wgrad_nt(a, sa, b, sb, ks, out: torch.Tensor) -> torch.Te
     for g, k in enumerate(int(k) for k in ks):
         kb = ceil_div(k, BLOCK)
         out[g] = fp8_gemm_wgrad_nt(
-            a[:, k_off : k_off + k], sa[:, s_off : s_off + kb], b[:, k_off : k_off + k], sb[:, s_off : s_off + kb], out[g]
+            a[:, k_off : k_off + k],
+            sa[:, s_off : s_off + kb],
+            b[:, k_off : k_off + k],
+            sb[:, s_off : s_off + kb],
+            out[g],
         )
         k_off, s_off = k_off + k, s_off + kb
     return out
