@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from dsv3 import ops
 from dsv3.ops import reference
 
