@@ -7,8 +7,8 @@
 
 namespace dsv3::meta {
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x, int64_t group_size, bool ue8m0,
-                                                            bool col_major_scales) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x, int64_t group_size,
+                                                            bool ue8m0, bool col_major_scales) {
   check_quantize_per_token_group(x, group_size, col_major_scales);
   return alloc_quantize_per_token_group(x, group_size, col_major_scales);
 }

@@ -32,4 +32,6 @@ std::string build_info() {
 static PyModuleDef dsv3_module = {PyModuleDef_HEAD_INIT, "_C", "dsv3 operator library (torch.ops.dsv3)", -1,
                                   nullptr};
 
-extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C() { return PyModule_Create(&dsv3_module); }
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C() {
+  return PyModule_Create(&dsv3_module);
+}

@@ -6,39 +6,48 @@
 #include "dsv3/ops.h"
 
 TORCH_LIBRARY(dsv3, m) {
-  m.def("quantize_per_token_group(Tensor x, int group_size=128, bool ue8m0=False, bool col_major_scales=False)"
-        " -> (Tensor, Tensor)");
-  m.def("dequantize_per_token_group(Tensor q, Tensor scales, int group_size=128, ScalarType? out_dtype=None)"
-        " -> Tensor");
+  m.def(
+      "quantize_per_token_group(Tensor x, int group_size=128, bool ue8m0=False, bool col_major_scales=False)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_per_token_group(Tensor q, Tensor scales, int group_size=128, ScalarType? out_dtype=None)"
+      " -> Tensor");
   m.def("quantize_per_block(Tensor w, int block_size=128, bool ue8m0=False) -> (Tensor, Tensor)");
-  m.def("dequantize_per_block(Tensor q, Tensor scale_inv, int block_size=128, ScalarType? out_dtype=None)"
-        " -> Tensor");
+  m.def(
+      "dequantize_per_block(Tensor q, Tensor scale_inv, int block_size=128, ScalarType? out_dtype=None)"
+      " -> Tensor");
   m.def("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
-  m.def("m_grouped_fp8_gemm_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor m_indices, "
-        "Tensor(a!) out) -> ()");
-  m.def("m_grouped_fp8_gemm_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor masked_m, "
-        "int expected_m, Tensor(a!) out) -> ()");
+  m.def(
+      "m_grouped_fp8_gemm_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor m_indices, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "m_grouped_fp8_gemm_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor masked_m, "
+      "int expected_m, Tensor(a!) out) -> ()");
   m.def("fp8_gemm_wgrad_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
-  m.def("k_grouped_fp8_gemm_wgrad_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, int[] ks, Tensor(a!) out) -> ()");
+  m.def(
+      "k_grouped_fp8_gemm_wgrad_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, int[] ks, Tensor(a!) out) -> "
+      "()");
 
   m.def("build_info() -> str", &dsv3::build_info);
   m.def("cpu_path() -> str", [] { return dsv3::cpu::cpu_path_name(dsv3::cpu::active_cpu_path()); });
   m.def("set_cpu_path(str path) -> ()", [](const std::string& path) { dsv3::cpu::set_cpu_path(path); });
 }
 
-#define DSV3_REGISTER_OPS(ns)                                                          \
-  m.impl("quantize_per_token_group", &dsv3::ns::quantize_per_token_group);             \
-  m.impl("dequantize_per_token_group", &dsv3::ns::dequantize_per_token_group);         \
-  m.impl("quantize_per_block", &dsv3::ns::quantize_per_block);                         \
-  m.impl("dequantize_per_block", &dsv3::ns::dequantize_per_block);                     \
-  m.impl("fp8_gemm_nt", &dsv3::ns::fp8_gemm_nt);                                       \
+#define DSV3_REGISTER_OPS(ns)                                                              \
+  m.impl("quantize_per_token_group", &dsv3::ns::quantize_per_token_group);                 \
+  m.impl("dequantize_per_token_group", &dsv3::ns::dequantize_per_token_group);             \
+  m.impl("quantize_per_block", &dsv3::ns::quantize_per_block);                             \
+  m.impl("dequantize_per_block", &dsv3::ns::dequantize_per_block);                         \
+  m.impl("fp8_gemm_nt", &dsv3::ns::fp8_gemm_nt);                                           \
   m.impl("m_grouped_fp8_gemm_nt_contiguous", &dsv3::ns::m_grouped_fp8_gemm_nt_contiguous); \
-  m.impl("m_grouped_fp8_gemm_nt_masked", &dsv3::ns::m_grouped_fp8_gemm_nt_masked);     \
-  m.impl("fp8_gemm_wgrad_nt", &dsv3::ns::fp8_gemm_wgrad_nt);                           \
+  m.impl("m_grouped_fp8_gemm_nt_masked", &dsv3::ns::m_grouped_fp8_gemm_nt_masked);         \
+  m.impl("fp8_gemm_wgrad_nt", &dsv3::ns::fp8_gemm_wgrad_nt);                               \
   m.impl("k_grouped_fp8_gemm_wgrad_nt", &dsv3::ns::k_grouped_fp8_gemm_wgrad_nt);
 
-TORCH_LIBRARY_IMPL(dsv3, CPU, m) { DSV3_REGISTER_OPS(cpu) }
-TORCH_LIBRARY_IMPL(dsv3, Meta, m) { DSV3_REGISTER_OPS(meta) }
+TORCH_LIBRARY_IMPL(dsv3, CPU, m){DSV3_REGISTER_OPS(cpu)} TORCH_LIBRARY_IMPL(dsv3, Meta,
+                                                                            m){DSV3_REGISTER_OPS(meta)}
 #ifdef DSV3_WITH_CUDA
-TORCH_LIBRARY_IMPL(dsv3, CUDA, m) { DSV3_REGISTER_OPS(cuda) }
+TORCH_LIBRARY_IMPL(dsv3, CUDA, m) {
+  DSV3_REGISTER_OPS(cuda)
+}
 #endif

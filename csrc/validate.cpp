@@ -162,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> alloc_quantize_per_block(const at::Tensor& w,
   std::vector<int64_t> s(w.sizes().begin(), w.sizes().end());
   s[s.size() - 2] = ceil_div(w.size(-2), block_size);
   s[s.size() - 1] = ceil_div(w.size(-1), block_size);
-  return {at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)), at::empty(s, w.options().dtype(at::kFloat))};
+  return {at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)),
+          at::empty(s, w.options().dtype(at::kFloat))};
 }
 
 void check_dequantize_per_block(const at::Tensor& q, const at::Tensor& scale_inv, int64_t block_size,
@@ -238,7 +239,8 @@ void check_k_grouped_wgrad(const at::Tensor& a, const at::Tensor& sa, const at::
     k_total += ks[g];
     kb_total += ceil_div(ks[g], kGemmBlock);
   }
-  DSV3_CHECK(k_total == a.size(1), op, "ks must sum to K = ", a.size(1), " (the columns of a), got ", k_total);
+  DSV3_CHECK(k_total == a.size(1), op, "ks must sum to K = ", a.size(1), " (the columns of a), got ",
+             k_total);
   const int64_t m = a.size(0), n = b.size(0), g = static_cast<int64_t>(ks.size());
   check_scales(sa, op, "sa", {m, kb_total}, "[M, sum(ceil(ks/128))]", a);
   check_scales(sb, op, "sb", {n, kb_total}, "[N, sum(ceil(ks/128))]", a);

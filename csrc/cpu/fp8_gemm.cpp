@@ -65,8 +65,8 @@ void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa,
   const auto idx = m_indices.contiguous();
   const int32_t* gp = idx.const_data_ptr<int32_t>();
   for (int64_t r = 0; r < rows; ++r) {
-    DSV3_CHECK(gp[r] >= -1 && gp[r] < groups, "m_grouped_fp8_gemm_nt_contiguous", "m_indices must be in [-1, ",
-               groups, "), got m_indices[", r, "] = ", gp[r]);
+    DSV3_CHECK(gp[r] >= -1 && gp[r] < groups, "m_grouped_fp8_gemm_nt_contiguous",
+               "m_indices must be in [-1, ", groups, "), got m_indices[", r, "] = ", gp[r]);
   }
   if (out.numel() == 0 || empty_k(a, out, false)) return;
   // One problem per maximal run of rows sharing a group; rows of group -1 are skipped and zeroed.
@@ -78,8 +78,8 @@ void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa,
       o.zero_();
       continue;
     }
-    problems.push_back(make_problem(a.narrow(0, r0, r1 - r0), sa.narrow(0, r0, r1 - r0), b[gp[r0]], sb[gp[r0]], o,
-                                    kGemmBlock, false));
+    problems.push_back(make_problem(a.narrow(0, r0, r1 - r0), sa.narrow(0, r0, r1 - r0), b[gp[r0]],
+                                    sb[gp[r0]], o, kGemmBlock, false));
   }
   run(problems);
 }
@@ -92,8 +92,8 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, con
   const auto counts = masked_m.contiguous();
   const int32_t* mp = counts.const_data_ptr<int32_t>();
   for (int64_t g = 0; g < groups; ++g) {
-    DSV3_CHECK(mp[g] >= 0 && mp[g] <= m_max, "m_grouped_fp8_gemm_nt_masked", "masked_m must be in [0, ", m_max,
-               "] (M_max), got masked_m[", g, "] = ", mp[g]);
+    DSV3_CHECK(mp[g] >= 0 && mp[g] <= m_max, "m_grouped_fp8_gemm_nt_masked", "masked_m must be in [0, ",
+               m_max, "] (M_max), got masked_m[", g, "] = ", mp[g]);
   }
   std::vector<GemmProblem> problems;
   for (int64_t g = 0; g < groups; ++g) {
@@ -122,8 +122,8 @@ void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, cons
   for (size_t g = 0; g < ks.size(); ++g) {
     const int64_t kb = ceil_div(ks[g], kGemmBlock);
     if (ks[g] > 0) {
-      problems.push_back(make_problem(a.narrow(1, k_off, ks[g]), sa.narrow(1, s_off, kb), b.narrow(1, k_off, ks[g]),
-                                      sb.narrow(1, s_off, kb), out[g], 1, true));
+      problems.push_back(make_problem(a.narrow(1, k_off, ks[g]), sa.narrow(1, s_off, kb),
+                                      b.narrow(1, k_off, ks[g]), sb.narrow(1, s_off, kb), out[g], 1, true));
     }
     k_off += ks[g];
     s_off += kb;

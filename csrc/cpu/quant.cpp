@@ -30,7 +30,9 @@ ScaleView scale_view(const at::Tensor& scales, const at::Tensor& x) {
 }
 
 // Grain sizes: enough elements per task to amortize the thread hand-off.
-int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elems_per_item)); }
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elems_per_item));
+}
 
 template <typename T>
 float group_amax(const T* x, int64_t n) {
@@ -51,8 +53,8 @@ void quantize_group(const T* x, uint8_t* q, int64_t n, float s) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size, bool ue8m0,
-                                                            bool col_major_scales) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size,
+                                                            bool ue8m0, bool col_major_scales) {
   check_quantize_per_token_group(x_in, group_size, col_major_scales);
   auto [q, scales] = alloc_quantize_per_token_group(x_in, group_size, col_major_scales);
   const at::Tensor x = x_in.contiguous();
@@ -92,13 +94,15 @@ at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& 
     at::parallel_for(0, rows, grain_for(k), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         for (int64_t i = 0; i < k; ++i)
-          op[row * k + i] = static_cast<scalar_t>(e4m3_to_float(qp[row * k + i]) * sv.at(row, i / group_size));
+          op[row * k + i] =
+              static_cast<scalar_t>(e4m3_to_float(qp[row * k + i]) * sv.at(row, i / group_size));
     });
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w_in, int64_t block_size, bool ue8m0) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w_in, int64_t block_size,
+                                                      bool ue8m0) {
   check_quantize_per_block(w_in, block_size);
   auto [q, scale_inv] = alloc_quantize_per_block(w_in, block_size);
   const at::Tensor w = w_in.contiguous();

@@ -29,7 +29,8 @@ at::Tensor deq_blocks(const at::Tensor& w, const at::Tensor& s) {  // 128x128 sc
 }
 
 // Host copy of a small int32 index tensor, with every entry checked against [lo, hi].
-std::vector<int32_t> host_indices(const at::Tensor& t, int64_t lo, int64_t hi, const char* op, const char* name) {
+std::vector<int32_t> host_indices(const at::Tensor& t, int64_t lo, int64_t hi, const char* op,
+                                  const char* name) {
   const at::Tensor h = t.to(at::kCPU).contiguous();
   std::vector<int32_t> v(h.const_data_ptr<int32_t>(), h.const_data_ptr<int32_t>() + h.numel());
   for (size_t i = 0; i < v.size(); ++i)
@@ -53,7 +54,8 @@ void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa,
   check_m_grouped_contiguous(a, sa, b, sb, m_indices, out);
   const c10::cuda::CUDAGuard guard(a.device());
   const NoTf32 no_tf32;
-  const auto idx = host_indices(m_indices, -1, b.size(0) - 1, "m_grouped_fp8_gemm_nt_contiguous", "m_indices");
+  const auto idx =
+      host_indices(m_indices, -1, b.size(0) - 1, "m_grouped_fp8_gemm_nt_contiguous", "m_indices");
   const at::Tensor a32 = deq_rows(a, sa), b32 = deq_blocks(b, sb);
   const int64_t rows = a.size(0);
   for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
@@ -76,7 +78,8 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, con
   const auto counts = host_indices(masked_m, 0, a.size(1), "m_grouped_fp8_gemm_nt_masked", "masked_m");
   const at::Tensor a32 = deq_rows(a, sa), b32 = deq_blocks(b, sb);
   for (int64_t g = 0; g < a.size(0); ++g) {
-    if (counts[g] > 0) out[g].narrow(0, 0, counts[g]).copy_(at::matmul(a32[g].narrow(0, 0, counts[g]), b32[g].t()));
+    if (counts[g] > 0)
+      out[g].narrow(0, 0, counts[g]).copy_(at::matmul(a32[g].narrow(0, 0, counts[g]), b32[g].t()));
   }
 }
 

@@ -34,15 +34,15 @@ TokenGroupGeometry token_group_geometry(const at::Tensor& x, const at::Tensor& s
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size, bool ue8m0,
-                                                            bool col_major_scales) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size,
+                                                            bool ue8m0, bool col_major_scales) {
   check_quantize_per_token_group(x_in, group_size, col_major_scales);
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto [q, scales] = alloc_quantize_per_token_group(x_in, group_size, col_major_scales);
   const at::Tensor x = x_in.contiguous();
   const auto g = token_group_geometry(x, scales);
-  check_launch(quantize_per_token_group(x.const_data_ptr(), dtype_of(x.scalar_type()), g.batch, g.rows, x.size(-1),
-                                        group_size, ue8m0, static_cast<uint8_t*>(q.data_ptr()),
+  check_launch(quantize_per_token_group(x.const_data_ptr(), dtype_of(x.scalar_type()), g.batch, g.rows,
+                                        x.size(-1), group_size, ue8m0, static_cast<uint8_t*>(q.data_ptr()),
                                         scales.data_ptr<float>(), g.s_batch, g.s_row, g.s_group,
                                         c10::cuda::getCurrentCUDAStream()),
                "quantize_per_token_group");
@@ -55,26 +55,29 @@ at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& 
   check_dequantize_per_token_group(q_in, scales_in, group_size, dt);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
-  const at::Tensor scales = scales_in.dim() > 3 ? scales_in.flatten(0, -3) : scales_in;  // read-only: copy is fine
+  const at::Tensor scales =
+      scales_in.dim() > 3 ? scales_in.flatten(0, -3) : scales_in;  // read-only: copy is fine
   auto out = at::empty(q.sizes(), q.options().dtype(dt));
   const auto g = token_group_geometry(q, scales);
   check_launch(dequantize_per_token_group(static_cast<const uint8_t*>(q.const_data_ptr()),
-                                          scales.const_data_ptr<float>(), g.s_batch, g.s_row, g.s_group, g.batch,
-                                          g.rows, q.size(-1), group_size, out.data_ptr(), dtype_of(dt),
-                                          c10::cuda::getCurrentCUDAStream()),
+                                          scales.const_data_ptr<float>(), g.s_batch, g.s_row, g.s_group,
+                                          g.batch, g.rows, q.size(-1), group_size, out.data_ptr(),
+                                          dtype_of(dt), c10::cuda::getCurrentCUDAStream()),
                "dequantize_per_token_group");
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w_in, int64_t block_size, bool ue8m0) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w_in, int64_t block_size,
+                                                      bool ue8m0) {
   check_quantize_per_block(w_in, block_size);
   const c10::cuda::CUDAGuard guard(w_in.device());
   auto [q, scale_inv] = alloc_quantize_per_block(w_in, block_size);
   const at::Tensor w = w_in.contiguous();
-  check_launch(quantize_per_block(w.const_data_ptr(), dtype_of(w.scalar_type()), w.dim() == 3 ? w.size(0) : 1,
-                                  w.size(-2), w.size(-1), block_size, ue8m0, static_cast<uint8_t*>(q.data_ptr()),
-                                  scale_inv.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
-               "quantize_per_block");
+  check_launch(
+      quantize_per_block(w.const_data_ptr(), dtype_of(w.scalar_type()), w.dim() == 3 ? w.size(0) : 1,
+                         w.size(-2), w.size(-1), block_size, ue8m0, static_cast<uint8_t*>(q.data_ptr()),
+                         scale_inv.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+      "quantize_per_block");
   return {q, scale_inv};
 }
 
@@ -85,11 +88,11 @@ at::Tensor dequantize_per_block(const at::Tensor& q_in, const at::Tensor& scale_
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), scale_inv = scale_inv_in.contiguous();
   auto out = at::empty(q.sizes(), q.options().dtype(dt));
-  check_launch(dequantize_per_block(static_cast<const uint8_t*>(q.const_data_ptr()),
-                                    scale_inv.const_data_ptr<float>(), q.dim() == 3 ? q.size(0) : 1, q.size(-2),
-                                    q.size(-1), block_size, out.data_ptr(), dtype_of(dt),
-                                    c10::cuda::getCurrentCUDAStream()),
-               "dequantize_per_block");
+  check_launch(
+      dequantize_per_block(static_cast<const uint8_t*>(q.const_data_ptr()), scale_inv.const_data_ptr<float>(),
+                           q.dim() == 3 ? q.size(0) : 1, q.size(-2), q.size(-1), block_size, out.data_ptr(),
+                           dtype_of(dt), c10::cuda::getCurrentCUDAStream()),
+      "dequantize_per_block");
   return out;
 }
 

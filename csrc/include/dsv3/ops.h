@@ -9,24 +9,25 @@
 
 namespace dsv3 {
 
-#define DSV3_DECLARE_OPS                                                                                        \
-  std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x, int64_t group_size,          \
-                                                              bool ue8m0, bool col_major_scales);               \
-  at::Tensor dequantize_per_token_group(const at::Tensor& q, const at::Tensor& scales, int64_t group_size,      \
-                                        std::optional<at::ScalarType> out_dtype);                               \
-  std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w, int64_t block_size, bool ue8m0);  \
-  at::Tensor dequantize_per_block(const at::Tensor& q, const at::Tensor& scale_inv, int64_t block_size,         \
-                                  std::optional<at::ScalarType> out_dtype);                                     \
-  void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,        \
-                   at::Tensor& out);                                                                            \
-  void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,         \
-                                        const at::Tensor& sb, const at::Tensor& m_indices, at::Tensor& out);    \
-  void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,             \
-                                    const at::Tensor& sb, const at::Tensor& masked_m, int64_t expected_m,       \
-                                    at::Tensor& out);                                                           \
-  void fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,  \
-                         at::Tensor& out);                                                                      \
-  void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,              \
+#define DSV3_DECLARE_OPS                                                                                     \
+  std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x, int64_t group_size,       \
+                                                              bool ue8m0, bool col_major_scales);            \
+  at::Tensor dequantize_per_token_group(const at::Tensor& q, const at::Tensor& scales, int64_t group_size,   \
+                                        std::optional<at::ScalarType> out_dtype);                            \
+  std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w, int64_t block_size,             \
+                                                        bool ue8m0);                                         \
+  at::Tensor dequantize_per_block(const at::Tensor& q, const at::Tensor& scale_inv, int64_t block_size,      \
+                                  std::optional<at::ScalarType> out_dtype);                                  \
+  void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,     \
+                   at::Tensor& out);                                                                         \
+  void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,      \
+                                        const at::Tensor& sb, const at::Tensor& m_indices, at::Tensor& out); \
+  void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,          \
+                                    const at::Tensor& sb, const at::Tensor& masked_m, int64_t expected_m,    \
+                                    at::Tensor& out);                                                        \
+  void fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,                     \
+                         const at::Tensor& sb, at::Tensor& out);                                             \
+  void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,           \
                                    const at::Tensor& sb, at::IntArrayRef ks, at::Tensor& out);
 
 namespace cpu {

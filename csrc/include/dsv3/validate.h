@@ -1,5 +1,6 @@
 // Argument validation and output allocation shared by the CPU, CUDA and Meta kernels of every op, so the
-// three agree on what is accepted and what comes out. Failures raise ValueError/TypeError naming the argument.
+// three agree on what is accepted and what comes out. Failures raise ValueError/TypeError naming the
+// argument.
 #pragma once
 #include <ATen/core/Tensor.h>
 
