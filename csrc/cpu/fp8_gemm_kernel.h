@@ -31,8 +31,13 @@ constexpr int64_t kScaleBlockK = 128;
 // Runs every problem (their outputs must not overlap), parallel over ATen's intra-op threads.
 void run_gemms(const GemmProblem* problems, int64_t count);
 
-// The per-ISA tile kernels behind run_gemms: compute D[m0:m1, n0:n1] of one problem.
-// `scratch` is a per-thread buffer of at least kScratchBytes, 64-byte aligned.
+// The per-ISA tile kernels behind run_gemms: compute D[m0:m1, n0:n1] of one problem with a per-thread,
+// 64-byte aligned `scratch` of kScratchBytes. A tile of at most kGemvMaxM rows holds all M rows of its
+// problem (decode: every B byte is then read from memory once); taller tiles are at most kTileMaxM x
+// kTileMaxN, sized in multiples of the AVX-512 micro-tile (kTileMRound x kTileNRound).
+constexpr int64_t kGemvMaxM = 16;
+constexpr int64_t kTileMRound = 14, kTileNRound = 32;
+constexpr int64_t kTileMaxM = 20 * kTileMRound, kTileMaxN = 256;
 constexpr int64_t kScratchBytes = int64_t(1) << 20;
 void gemm_tile_portable(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* scratch);
 void gemm_tile_avx512(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* scratch);
