@@ -1,7 +1,8 @@
 """Times dsv3's CUDA FP8 quantization kernels at DeepSeek-V3 shapes and reports the memory bandwidth they
-reach, beside a device-to-device copy (the ceiling) and the plain-PyTorch reference on the same GPU.
+reach, beside a device-to-device copy (the ceiling) and the plain-PyTorch reference on the same GPU; with
+--gemm, times the sm_90a FP8 GEMMs at the V3 shapes (TFLOPS, GB/s), beside DeepGEMM when it is importable.
 
-    python benchmarks/gpu_bench.py [--iters 30] [--json FILE]
+    python benchmarks/gpu_bench.py [--iters 30] [--gemm] [--json FILE]
 
 Each time is the median of `iters` CUDA-event measurements after warm-up, with a 256 MB buffer written
 before every run so each starts with a cold L2 (H200: 60 MB). Bytes counted: input read + fp8 output + scales
@@ -15,6 +16,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,15 +68,78 @@ def copy_bandwidth_gbs(flush: torch.Tensor, iters: int) -> float:
     return 2 * src.numel() / us / 1e3
 
 
+V3_GEMM_SHAPES = [
+    (2112, 7168),
+    (576, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+]
+
+
+def deep_gemm_dense() -> Callable | None:
+    """DeepGEMM's dense FP8 GEMM (v1 or v2 name) when the package is importable, else None."""
+    try:
+        import deep_gemm
+    except ImportError:
+        return None
+    if hasattr(deep_gemm, "fp8_gemm_nt"):
+        return lambda a, sa, b, sb, out: deep_gemm.fp8_gemm_nt((a, sa), (b, sb), out)
+    return lambda a, sa, b, sb, out: deep_gemm.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+
+
+def gemm_rows(flush: torch.Tensor, iters: int) -> list[dict]:
+    """fp8_gemm_nt at every V3 (N, K) and M in {64, 128, 4096}: median time, TFLOPS, GB/s (A, B, scales and
+    out), calc_diff against the bf16 product, and DeepGEMM's time on the same operands when available."""
+    rows, deep_gemm = [], deep_gemm_dense()
+    print(
+        f"{'M':>5} {'N':>6} {'K':>6} {'us':>9} {'TFLOPS':>7} {'GB/s':>6} {'diff':>8} "
+        f"{'DeepGEMM us':>12} {'ratio':>6}"
+    )
+    for m in (64, 128, 4096):
+        for n, k in V3_GEMM_SHAPES:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            (qa, sa), (qb, sb) = (
+                ops.quantize_per_token_group(x, col_major_scales=True),
+                ops.quantize_per_block(w),
+            )
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            us = time_us(partial(ops.fp8_gemm_nt, qa, sa, qb, sb, out=out), flush, iters)
+            diff = float(reference.calc_diff(out, x.float() @ w.float().t()))
+            row = {"m": m, "n": n, "k": k, "us": us, "tflops": 2 * m * n * k / us / 1e6,
+                   "gbs": nbytes(qa, sa, qb, sb, out) / us / 1e3, "calc_diff": diff}  # fmt: skip
+            if deep_gemm is not None:
+                ref_out = torch.empty_like(out)
+                row["deep_gemm_us"] = time_us(partial(deep_gemm, qa, sa, qb, sb, ref_out), flush, iters)
+                row["ratio"] = row["deep_gemm_us"] / us  # > 1: dsv3 is faster
+            rows.append(row)
+            dg = f"{row['deep_gemm_us']:>12.1f} {row['ratio']:>5.2f}x" if deep_gemm else f"{'-':>12} {'-':>6}"
+            print(
+                f"{m:>5} {n:>6} {k:>6} {us:>9.1f} {row['tflops']:>7.0f} {row['gbs']:>6.0f} {diff:>8.1e} {dg}"
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--json", type=Path, metavar="FILE")
+    parser.add_argument("--gemm", action="store_true", help="time the FP8 GEMMs instead of the quantization")
     args = parser.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     copy_gbs = copy_bandwidth_gbs(flush, args.iters)
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
+    if args.gemm:
+        rows = gemm_rows(flush, max(20, args.iters))
+        if args.json:
+            args.json.write_text(
+                json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2) + "\n"
+            )
+        return
 
     def cuda_randn(*shape, dtype=torch.bfloat16):
         return torch.randn(shape, device="cuda", dtype=torch.float32).to(dtype)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent Hopper GPU (under 8 minutes on one H200): environment, build with the CUDA
-# kernels, SASS audit, GPU tests (the quantization tests once more under compute-sanitizer memcheck), timings.
+# kernels, SASS audit, GPU tests (quantization and FP8 GEMM, the latter on the WGMMA kernels and on the
+# DSV3_GEMM_FALLBACK=1 path; the quantization tests once more under compute-sanitizer memcheck), timings
+# (quantization, then the FP8 GEMM at the V3 shapes beside DeepGEMM when importable).
 #   benchmarks/gpu_check.sh        logs and results go to $OUT when set, else build/gpu_check/
 # Every step is timed and bounded, and all of them together by GPU_CHECK_BUDGET_S (default 470 s); a failed step
 # is recorded and the rest still run (a failed build stops). Exit status: 0 when every step passed.
@@ -86,13 +88,14 @@ export -f environment build memcheck_quant_tests
 step environment 30 environment || true
 step build 240 build || finish
 step sass_audit 45 "$py" tools/sass_audit.py --json "$results/sass_audit.json" || true
-step pytest_cuda 120 "$py" -m pytest -q -p no:cacheprovider tests/cuda tests/test_sass_audit.py || true
+step pytest_cuda 180 "$py" -m pytest -q -p no:cacheprovider tests/cuda tests/test_sass_audit.py || true
 if command -v compute-sanitizer >/dev/null; then
   step memcheck_quant 120 memcheck_quant_tests || true
 else
   note "compute-sanitizer not found: memcheck skipped"
 fi
 step bench_quant 60 "$py" benchmarks/gpu_bench.py --json "$results/gpu_bench.json" || true
+step bench_gemm_v3 90 "$py" benchmarks/gpu_bench.py --gemm --iters 20 --json "$results/gpu_bench_gemm.json" || true
 if has_bench_main; then
   step bench_gemm 60 "$py" -m dsv3.bench gemm --device cuda || true
 else

@@ -66,6 +66,7 @@ set(TORCH_CUDA_LIBS ${TORCH_C10_CUDA_LIB} ${TORCH_CUDA_LIB})
 set(DSV3_CUDA_SOURCES
     csrc/cuda/quant.cu
     csrc/cuda/quant_host.cpp
-    csrc/cuda/fp8_gemm_fallback.cpp)
+    csrc/cuda/fp8_gemm.cu
+    csrc/cuda/fp8_gemm_host.cpp)
 set(DSV3_WITH_CUDA ON)
 message(STATUS "dsv3: CUDA kernels enabled: nvcc ${DSV3_NVCC_VERSION}, archs ${DSV3_CUDA_ARCHS_STR}")

@@ -4,6 +4,7 @@
 
 #include "dsv3/cpu_features.h"
 #include "dsv3/ops.h"
+#include "dsv3/sm90/fp8_gemm_plan.h"
 
 TORCH_LIBRARY(dsv3, m) {
   m.def(
@@ -29,6 +30,10 @@ TORCH_LIBRARY(dsv3, m) {
       "()");
 
   m.def("build_info() -> str", &dsv3::build_info);
+  // The sm_90a FP8 GEMM plan (config, TMA parameters, tile order) as JSON: host logic, testable without a
+  // GPU.
+  m.def("sm90_gemm_plan(str kind, int m, int n, int k, int num_groups=1, int num_sms=132) -> str",
+        &dsv3::sm90::gemm_plan_json);
   m.def("cpu_path() -> str", [] { return dsv3::cpu::cpu_path_name(dsv3::cpu::active_cpu_path()); });
   m.def("set_cpu_path(str path) -> ()", [](const std::string& path) { dsv3::cpu::set_cpu_path(path); });
 }

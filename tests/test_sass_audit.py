@@ -10,9 +10,10 @@ import stat
 import sys
 from pathlib import Path
 
-import dsv3
 import pytest
 import torch
+
+import dsv3
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "sass_audit.py"
 

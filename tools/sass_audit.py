@@ -25,8 +25,7 @@ from pathlib import Path
 # ---- rules: first match wins (order specific -> general). `kernel` is searched in the demangled name
 # with "(anonymous namespace)::", the return type and the parameter list removed, e.g.
 # "dsv3::cuda::quantize_token_groups_kernel<__nv_bfloat16, 8>". `require`/`forbid` are searched in each
-# instruction ("OPCODE operands", predicate removed). An sm_90a FP8 GEMM kernel's rule would require
-# r"^QGMMA\." (fp8 wgmma; r"^HGMMA\." for bf16) and r"^UTMALDG" (TMA loads), with its register budget.
+# instruction ("OPCODE operands", predicate removed).
 
 LOCAL_MEMORY = (r"^LDL\b", r"^STL\b")  # spills and stack arrays live in local memory
 
@@ -37,6 +36,11 @@ LOAD_16B, STORE_16B = r"^LDG\.E\.128", r"^STG\.E\.128"
 WARP_REDUCE, CTA_BARRIER = r"^SHFL\.BFLY", r"^BAR\.SYNC"
 # __launch_bounds__(256, 3) in csrc/cuda/quant.cu: three CTAs of 256 threads per SM, <= 80 registers.
 QUANT_MAX_REGISTERS = 80
+# sm_90a FP8 GEMMs (csrc/cuda/fp8_gemm.cu): FP8 WGMMA, TMA loads, setmaxnreg (producer down, math up).
+FP8_WGMMA, TMA_LOAD, SETMAXNREG = r"^QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", r"^UTMALDG\.3D", r"^USETMAXREG"
+# Registers ptxas reports (nvcc 13.0, -O3): 168 for every block_m = 128 kernel (384 threads: the 65536 / 384
+# cap, no spills, with 2 x block_n / 2 fp32 accumulators), 232 (setmaxnreg's math budget) for block_m = 64.
+GEMM_TWO_MATH_WG_MAX_REGISTERS, GEMM_ONE_MATH_WG_MAX_REGISTERS = 168, 232
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,18 @@ RULES: list[Rule] = [
         r"::dequantize_(token_groups|blocks)_kernel<\w+, 1>",
         require=(E4M3_UNPACK,),
         max_registers=QUANT_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 gemm (dense/grouped/wgrad), block_m 128: two math warpgroups",
+        r"::fp8_gemm_kernel<128, \d+, (false|true)>",
+        require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG),
+        max_registers=GEMM_TWO_MATH_WG_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 gemm (dense/grouped), block_m 64: one math warpgroup",
+        r"::fp8_gemm_kernel<64, \d+, false>",
+        require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG),
+        max_registers=GEMM_ONE_MATH_WG_MAX_REGISTERS,
     ),
 ]
 

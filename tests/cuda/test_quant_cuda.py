@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from dsv3 import ops
 from dsv3.ops import reference
 
