@@ -23,6 +23,7 @@ import torch
 
 from dsv3 import ops
 from dsv3.ops import reference
+from dsv3.ops.reference import V3_GEMM_SHAPES
 
 FLUSH_BYTES = 256 << 20
 WARMUP = 3
@@ -66,17 +67,6 @@ def copy_bandwidth_gbs(flush: torch.Tensor, iters: int) -> float:
     dst = torch.empty_like(src)
     us = time_us(lambda: dst.copy_(src), flush, iters)
     return 2 * src.numel() / us / 1e3
-
-
-V3_GEMM_SHAPES = [
-    (2112, 7168),
-    (576, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-]
 
 
 def deep_gemm_dense() -> Callable | None:

@@ -5,36 +5,13 @@ m_indices with -1 blocks, masked rows untouched, wgrad accumulation, and the sam
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from dsv3 import ops
 from dsv3.ops import reference
+from dsv3.ops.reference import V3_GEMM_SHAPES
 
-
-def _cuda_kernels_usable() -> bool:
-    built = bool(json.loads(torch.ops.dsv3.build_info())["cuda_archs"])
-    return built and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not _cuda_kernels_usable(), reason="needs an sm_90 GPU and dsv3 built with its CUDA kernels"
-    ),
-]
-
-V3_SHAPES = [
-    (2112, 7168),
-    (576, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-]
 POISON = float("nan")
 MAX_DIFF = 1e-3  # calc_diff vs the unquantized product
 KERNEL_VS_REFERENCE = 1e-5  # calc_diff vs the float64 evaluation of the same quantized formula
@@ -64,7 +41,7 @@ def poisoned(shape, dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 64, 128, 4096])
-@pytest.mark.parametrize(("n", "k"), V3_SHAPES)
+@pytest.mark.parametrize(("n", "k"), V3_GEMM_SHAPES)
 def test_fp8_gemm_nt_v3(path, n, k, m, out_dtype):
     torch.manual_seed(m + n + k)
     x, w = randn(m, k), randn(n, k)

@@ -4,26 +4,11 @@ group/block sizes, batched inputs, unaligned pointers (the single-element path),
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from dsv3 import ops
 from dsv3.ops import reference
-
-
-def _cuda_kernels_usable() -> bool:
-    built = bool(json.loads(torch.ops.dsv3.build_info())["cuda_archs"])
-    return built and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not _cuda_kernels_usable(), reason="needs an sm_90 GPU and dsv3 built with its CUDA kernels"
-    ),
-]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 OUT_DTYPES = DTYPES

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from helpers import assert_close_rel
 
 from dsv3 import ops
 from dsv3.ops import reference
+from dsv3.ops.reference import V3_GEMM_SHAPES
 
 BF16, FP32 = torch.bfloat16, torch.float32
 OUT_DTYPES = [BF16, FP32]
@@ -27,15 +28,6 @@ BF16_ROUNDING = 2.0**-8
 # DeepGEMM's acceptance bound for FP8 x FP8 against the unquantized product.
 MAX_CALC_DIFF = 1e-3
 
-V3_SHAPES = [
-    (2112, 7168),
-    (576, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-]
 # Odd shapes: M, N, K from these lists in a covering array (each M with every N once; every (M, K) and (N, K)
 # pair occurs too) rather than the full product, which would cost 5x the kernel time.
 ODD_M, ODD_N, ODD_K = [0, 1, 3, 127, 129], [576, 2112, 320, 7], [128, 200, 7, 1000]
@@ -97,7 +89,7 @@ def test_fp8_gemm_nt_scale_layouts(cpu_path, m, n, k, col_major, ue8m0):
     assert ops.calc_diff(out, x.float() @ w.float().t()) < MAX_CALC_DIFF
 
 
-@pytest.fixture(scope="module", params=V3_SHAPES, ids=lambda nk: f"n{nk[0]}-k{nk[1]}")
+@pytest.fixture(scope="module", params=V3_GEMM_SHAPES, ids=lambda nk: f"n{nk[0]}-k{nk[1]}")
 def v3_case(request):
     """Three activation rows and one weight of a DeepSeek-V3 shape, quantized, with the float64 reference and
     the unquantized product; built once per shape for all the tests that use it."""

@@ -12,16 +12,8 @@ import pytest
 import torch
 
 import dsv3  # noqa: F401  (registers torch.ops.dsv3)
+from dsv3.ops.reference import V3_GEMM_SHAPES
 
-V3_SHAPES = [
-    (2112, 7168),
-    (576, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-]
 SMEM_CAPACITY = 232448
 H800_SMS, H200_SMS = 132, 132
 
@@ -114,7 +106,7 @@ def check_schedule(p: dict, kind: str, m: int, n: int, groups: int) -> None:
 
 
 @pytest.mark.parametrize("m", [1, 64, 128, 4096])
-@pytest.mark.parametrize(("n", "k"), V3_SHAPES)
+@pytest.mark.parametrize(("n", "k"), V3_GEMM_SHAPES)
 def test_dense_v3_shapes(m, n, k):
     p = plan("dense", m, n, k)
     check_config(p, "dense", m, n, k, 1, H800_SMS)

@@ -20,19 +20,10 @@ import torch.nn.functional as F
 
 import dsv3
 from dsv3 import ops
+from dsv3.ops.reference import V3_GEMM_SHAPES
 
 from .timing import time_side_by_side
 
-# (N, K) of DeepSeek-V3's FP8 GEMMs: fused q_a+kv_a, kv_a, q_b, kv_b, o_proj, expert gate+up, expert down.
-V3_SHAPES = [
-    (2112, 7168),
-    (576, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-]
 DEFAULT_MS = [1, 16, 128, 512, 2048]
 
 
@@ -78,7 +69,7 @@ def bench_case(m: int, n: int, k: int, device: str, baselines: list[str]) -> dic
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     if text == "v3":
-        return V3_SHAPES
+        return V3_GEMM_SHAPES
     return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
 
 

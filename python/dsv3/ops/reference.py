@@ -13,6 +13,17 @@ FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 BLOCK = 128
 
+# (N, K) of DeepSeek-V3's FP8 GEMMs (SPEC §3): fused q_a + kv_a, kv_a, q_b, kv_b, o_proj, expert up, down.
+V3_GEMM_SHAPES = [
+    (2112, 7168),
+    (576, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+]
+
 
 def ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
