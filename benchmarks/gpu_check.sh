@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent Hopper GPU (under 8 minutes on one H200): environment, build with the CUDA
 # kernels, SASS audit, GPU tests (quantization and FP8 GEMM, the latter on the WGMMA kernels and on the
-# DSV3_GEMM_FALLBACK=1 path; the quantization tests once more under compute-sanitizer memcheck), timings
-# (quantization, then the FP8 GEMM at the V3 shapes beside DeepGEMM when importable).
+# DSV3_GEMM_FALLBACK=1 path; the quantization and FP8 GEMM tests once more under compute-sanitizer memcheck),
+# timings (quantization, then the FP8 GEMM at the V3 shapes beside DeepGEMM when importable).
 #   benchmarks/gpu_check.sh        logs and results go to $OUT when set, else build/gpu_check/
 # Every step is timed and bounded, and all of them together by GPU_CHECK_BUDGET_S (default 470 s); a failed step
 # is recorded and the rest still run (a failed build stops). Exit status: 0 when every step passed.
@@ -79,18 +79,30 @@ memcheck_quant_tests() {
     "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/cuda/test_quant_cuda.py
 }
 
+memcheck_gemm_tests() {
+  # The WGMMA kernels only (TMA loads and stores): the tail, strided-output, small cluster and masked tests, on
+  # the kernel path (the fallback runs torch's and the quantization kernels, checked above).
+  local filter=() tests="kernel and (tails or strided or masked or (cluster and 1100))"
+  if compute-sanitizer --help 2>/dev/null | grep -- '--kernel-name ' >/dev/null; then
+    filter=(--kernel-name kns=fp8_gemm)
+  fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 "${filter[@]}" \
+    "$py" -m pytest -q -p no:cacheprovider -m "not slow" -k "$tests" tests/cuda/test_fp8_gemm_cuda.py
+}
+
 has_bench_main() {
   "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("dsv3.bench.__main__") is None)'
 }
 
-export -f environment build memcheck_quant_tests
+export -f environment build memcheck_quant_tests memcheck_gemm_tests
 
 step environment 30 environment || true
 step build 240 build || finish
 step sass_audit 45 "$py" tools/sass_audit.py --json "$results/sass_audit.json" || true
 step pytest_cuda 180 "$py" -m pytest -q -p no:cacheprovider tests/cuda tests/test_sass_audit.py || true
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck_quant 120 memcheck_quant_tests || true
+  step memcheck_quant 60 memcheck_quant_tests || true
+  step memcheck_gemm 75 memcheck_gemm_tests || true
 else
   note "compute-sanitizer not found: memcheck skipped"
 fi

@@ -36,8 +36,11 @@ LOAD_16B, STORE_16B = r"^LDG\.E\.128", r"^STG\.E\.128"
 WARP_REDUCE, CTA_BARRIER = r"^SHFL\.BFLY", r"^BAR\.SYNC"
 # __launch_bounds__(256, 3) in csrc/cuda/quant.cu: three CTAs of 256 threads per SM, <= 80 registers.
 QUANT_MAX_REGISTERS = 80
-# sm_90a FP8 GEMMs (csrc/cuda/fp8_gemm.cu): FP8 WGMMA, TMA loads, setmaxnreg (producer down, math up).
+# sm_90a FP8 GEMMs (csrc/cuda/fp8_gemm.cu): FP8 WGMMA, TMA loads, setmaxnreg (producer down, math up); the
+# bf16-output kernels also store their tiles with TMA (cp.async.bulk.tensor.3d.global.shared::cta) and, on
+# 2-CTA clusters, multicast A (.multicast::cluster) and synchronize the cluster (barrier.cluster).
 FP8_WGMMA, TMA_LOAD, SETMAXNREG = r"^QGMMA\.64x\d+x32\.F32\.E4M3\.E4M3", r"^UTMALDG\.3D", r"^USETMAXREG"
+TMA_STORE, TMA_MULTICAST, CLUSTER_BARRIER = r"^UTMASTG\.3D", r"^UTMALDG\.3D\.MULTICAST", r"^UCGABAR_WAIT"
 # Registers ptxas reports (nvcc 13.0, -O3): 168 for every block_m = 128 kernel (384 threads: the 65536 / 384
 # cap, no spills, with 2 x block_n / 2 fp32 accumulators), 232 (setmaxnreg's math budget) for block_m = 64.
 GEMM_TWO_MATH_WG_MAX_REGISTERS, GEMM_ONE_MATH_WG_MAX_REGISTERS = 168, 232
@@ -87,15 +90,22 @@ RULES: list[Rule] = [
         max_registers=QUANT_MAX_REGISTERS,
     ),
     Rule(
-        "fp8 gemm (dense/grouped/wgrad), block_m 128: two math warpgroups",
-        r"::fp8_gemm_kernel<128, \d+, (false|true)>",
-        require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG),
+        "fp8 gemm (dense/grouped), block_m 128: two math warpgroups, TMA store, cluster multicast",
+        r"::fp8_gemm_kernel<128, \d+, false>",
+        require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG, TMA_STORE, TMA_MULTICAST, CLUSTER_BARRIER),
         max_registers=GEMM_TWO_MATH_WG_MAX_REGISTERS,
     ),
     Rule(
-        "fp8 gemm (dense/grouped), block_m 64: one math warpgroup",
-        r"::fp8_gemm_kernel<64, \d+, false>",
+        "fp8 gemm (wgrad), block_m 128: two math warpgroups, fp32 out from registers",
+        r"::fp8_gemm_kernel<128, \d+, true>",
         require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG),
+        forbid=(*LOCAL_MEMORY, TMA_STORE, TMA_MULTICAST),
+        max_registers=GEMM_TWO_MATH_WG_MAX_REGISTERS,
+    ),
+    Rule(
+        "fp8 gemm (dense/grouped), block_m 64: one math warpgroup, TMA store, cluster multicast",
+        r"::fp8_gemm_kernel<64, \d+, false>",
+        require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG, TMA_STORE, TMA_MULTICAST, CLUSTER_BARRIER),
         max_registers=GEMM_ONE_MATH_WG_MAX_REGISTERS,
     ),
 ]

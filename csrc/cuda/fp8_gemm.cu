@@ -60,8 +60,9 @@ template <int kBlockM, int kBlockN, bool kWgrad>
 __global__ void __launch_bounds__(num_threads(kBlockM), 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                     const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_sb,
-                    const Fp8GemmParams p) {
-  constexpr int kMathThreads = num_math_warpgroups(kBlockM) * kWarpgroupThreads;
+                    const __grid_constant__ CUtensorMap tmap_d, const Fp8GemmParams p) {
+  constexpr int kMathThreads = num_math_warpgroups(kBlockM) * kWarpgroupThreads,
+                kMathWarps = kMathThreads / 32;
   constexpr int kAccum = kBlockN / 2;  // fp32 accumulator registers per thread (m64 x kBlockN per warpgroup)
   using Mma = WgmmaE4M3<kBlockN>;
   static_assert(kBlockM % 64 == 0 && kBlockN % 8 == 0 && Mma::kRegisters == kAccum, "unsupported tile shape");
@@ -72,18 +73,24 @@ __global__ void __launch_bounds__(num_threads(kBlockM), 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.full_bar);
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + layout.empty_bar);
 
+  // Clusters of p.cluster_size (1 or 2) CTAs, paired on tiles of one M block (fp8_gemm_plan.h,
+  // choose_cluster_size): rank 0 multicasts A and its scales into both CTAs, each loads its own B. A stage is
+  // free again when the math warps of every CTA of the cluster have released it: each math warp arrives once
+  // on the empty barrier of every CTA.
   if (threadIdx.x == kMathThreads) {
     tma_prefetch_descriptor(&tmap_a);
     tma_prefetch_descriptor(&tmap_b);
     tma_prefetch_descriptor(&tmap_sa);
     if constexpr (kWgrad) tma_prefetch_descriptor(&tmap_sb);
+    if constexpr (!kWgrad) tma_prefetch_descriptor(&tmap_d);
     for (int s = 0; s < p.stages; ++s) {
       mbar_init(full + s, 1);
-      mbar_init(empty + s, kMathThreads);
+      mbar_init(empty + s, p.cluster_size * kMathWarps);
     }
     fence_barrier_init();
   }
   __syncthreads();
+  if (p.cluster_size > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
 
   TileScheduler<MaskedRows> scheduler{
       p.kind == GemmKind::kMasked, p.num_groups,    p.num_m_blocks, p.num_n_blocks, kBlockM,
@@ -96,24 +103,43 @@ __global__ void __launch_bounds__(num_threads(kBlockM), 1)
       phase ^= 1;
     }
   };
+  const auto release_stage = [&] {  // this warp is done with the stage: WGMMAs waited, scales read
+    __syncwarp();
+    const uint32_t lane = threadIdx.x % 32;
+    if (lane < uint32_t(p.cluster_size)) mbar_arrive_cluster(empty + stage, lane);
+  };
 
   if (threadIdx.x >= kMathThreads) {  // producer warpgroup: one thread issues every TMA load
     setmaxnreg_dec<kProducerRegisters>();
-    if (threadIdx.x != kMathThreads) return;
-    for (TileCoord tile; scheduler.next(tile);) {
-      const TileWork w = tile_work<kBlockM>(p, tile);
-      if (w.skip) continue;
-      const int n0 = tile.n_block * kBlockN;
-      for (int kb = 0; kb < p.num_k_blocks; ++kb, advance()) {
-        mbar_wait(empty + stage, phase ^ 1);  // a fresh barrier passes parity 1 at once
-        uint64_t* bar = full + stage;
-        mbar_arrive_expect_tx(bar, stage_tx_bytes(kBlockM, kBlockN, kWgrad));
-        tma_load_3d(smem + layout.a + stage * kBlockM * kBlockK, &tmap_a, bar, kb * kBlockK, w.m0, w.a_group);
-        tma_load_3d(smem + layout.b + stage * kBlockN * kBlockK, &tmap_b, bar, kb * kBlockK, n0, w.b_group);
-        tma_load_3d(smem + layout.sa + stage * kBlockM * 4, &tmap_sa, bar, w.m0, kb, w.a_group);
-        if constexpr (kWgrad) tma_load_3d(smem + layout.sb + stage * kBlockN * 4, &tmap_sb, bar, n0, kb, 0);
+    if (threadIdx.x == kMathThreads) {
+      for (TileCoord tile; scheduler.next(tile);) {
+        const TileWork w = tile_work<kBlockM>(p, tile);
+        if (w.skip) continue;
+        const int n0 = tile.n_block * kBlockN;
+#pragma unroll 1  // unrolled, it no longer fits the producer's 40 registers (wgrad)
+        for (int kb = 0; kb < p.num_k_blocks; ++kb, advance()) {
+          mbar_wait(empty + stage, phase ^ 1);  // a fresh barrier passes parity 1 at once
+          uint64_t* bar = full + stage;
+          // Each CTA expects the whole stage: its B, and A with A's scales from rank 0's (multicast) loads.
+          mbar_arrive_expect_tx(bar, stage_tx_bytes(kBlockM, kBlockN, kWgrad));
+          uint8_t* a_dst = smem + layout.a + stage * kBlockM * kBlockK;
+          uint8_t* sa_dst = smem + layout.sa + stage * kBlockM * 4;
+          if (!kWgrad && p.cluster_size > 1) {  // wgrad runs without clusters
+            if (cluster_ctarank() == 0) {
+              tma_load_3d_multicast(a_dst, &tmap_a, bar, 0b11, kb * kBlockK, w.m0, w.a_group);
+              tma_load_3d_multicast(sa_dst, &tmap_sa, bar, 0b11, w.m0, kb, w.a_group);
+            }
+          } else {
+            tma_load_3d(a_dst, &tmap_a, bar, kb * kBlockK, w.m0, w.a_group);
+            tma_load_3d(sa_dst, &tmap_sa, bar, w.m0, kb, w.a_group);
+          }
+          tma_load_3d(smem + layout.b + stage * kBlockN * kBlockK, &tmap_b, bar, kb * kBlockK, n0, w.b_group);
+          if constexpr (kWgrad) tma_load_3d(smem + layout.sb + stage * kBlockN * 4, &tmap_sb, bar, n0, kb, 0);
+        }
       }
     }
+    __syncwarp();
+    if (p.cluster_size > 1) cluster_sync();  // as at the end of the math warpgroups
     return;
   }
 
@@ -171,9 +197,9 @@ __global__ void __launch_bounds__(num_threads(kBlockM), 1)
           final_accum[4 * j + 2] += sa1 * sb2.x * accum[4 * j + 2];
           final_accum[4 * j + 3] += sa1 * sb2.y * accum[4 * j + 3];
         }
-        mbar_arrive(empty + stage);
+        release_stage();
       } else {
-        mbar_arrive(empty + stage);  // scales read, WGMMAs done: the producer may refill the stage
+        release_stage();  // the producer(s) may refill the stage
         const float sb_former = sb_blocks[kb], sb_latter = sb_blocks[p.num_k_blocks + kb];
         const float s0f = sa0 * sb_former, s0l = sa0 * sb_latter, s1f = sa1 * sb_former,
                     s1l = sa1 * sb_latter;
@@ -210,9 +236,14 @@ __global__ void __launch_bounds__(num_threads(kBlockM), 1)
           *dst = v;
         }
       }
-    } else if constexpr (!kWgrad) {  // bf16: staged in shared memory, then 16-byte row-contiguous stores
+    } else if constexpr (!kWgrad) {
+      // bf16: staged in shared memory, then written by one TMA store (clipped at the tensor's edges) or, for
+      // a partial masked tile whose rows past masked_m lie inside the tensor, by predicated 16-byte row
+      // stores.
       constexpr int kPitch = staging_pitch_bytes(kBlockN);
       uint8_t* staging = smem + layout.staging;
+      if (threadIdx.x == 0) tma_store_wait_read<0>();  // the previous tile's TMA store has read the staging
+      named_barrier_sync(3, kMathThreads);
 #pragma unroll
       for (int j = 0; j < kAccum / 4; ++j) {
         const int col = j * 8 + col0;
@@ -221,20 +252,33 @@ __global__ void __launch_bounds__(num_threads(kBlockM), 1)
         *reinterpret_cast<__nv_bfloat162*>(staging + (row0 + 8) * kPitch + col * 2) =
             __floats2bfloat162_rn(final_accum[4 * j + 2], final_accum[4 * j + 3]);
       }
+      const bool tma_store = tile_uses_tma_store(p.kind, w.rows, kBlockM);  // uniform over the CTA
+      if (tma_store) fence_proxy_async_shared();  // the staged tile, visible to the TMA unit
       named_barrier_sync(2, kMathThreads);
-      constexpr int kVectorsPerRow = kBlockN / 8;
-      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + out_offset;
-      for (int i = threadIdx.x; i < kBlockM * kVectorsPerRow; i += kMathThreads) {
-        const int row = i / kVectorsPerRow, vec = i % kVectorsPerRow;
-        if (row < w.rows && n0 + vec * 8 < p.n)
-          *reinterpret_cast<uint4*>(out + row * p.out_row_stride + vec * 8) =
-              *reinterpret_cast<const uint4*>(staging + row * kPitch + vec * 16);
+      if (tma_store) {
+        if (threadIdx.x == 0) {
+          tma_store_3d(&tmap_d, staging, n0, w.m0, w.out_group);
+          tma_store_commit();
+        }
+      } else {
+        constexpr int kVectorsPerRow = kBlockN / 8;
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + out_offset;
+        for (int i = threadIdx.x; i < kBlockM * kVectorsPerRow; i += kMathThreads) {
+          const int row = i / kVectorsPerRow, vec = i % kVectorsPerRow;
+          if (row < w.rows && n0 + vec * 8 < p.n)
+            *reinterpret_cast<uint4*>(out + row * p.out_row_stride + vec * 8) =
+                *reinterpret_cast<const uint4*>(staging + row * kPitch + vec * 16);
+        }
       }
     }
   }
+  if constexpr (!kWgrad)
+    if (threadIdx.x == 0) tma_store_wait_read<0>();  // the shared memory outlives the last store's reads
+  // No CTA of a cluster exits while its peer may still arrive on its empty barriers.
+  if (p.cluster_size > 1) cluster_sync();
 }
 
-using KernelFn = void (*)(CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, Fp8GemmParams);
+using KernelFn = void (*)(CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, Fp8GemmParams);
 
 template <size_t... I>
 constexpr std::array<KernelFn, sizeof...(I)> dense_kernels(std::index_sequence<I...>) {
@@ -274,8 +318,11 @@ bool encode(CUtensorMap* map, const TmaParams& t, const void* base) {
   const cuuint64_t strides[2] = {t.strides_bytes[0], t.strides_bytes[1]};
   const cuuint32_t box[3] = {t.box[0], t.box[1], t.box[2]}, elem_strides[3] = {1, 1, 1};
   return encode_tiled()(
-             map, t.elem_bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3,
-             const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             map,
+             t.elem_bytes == 1   ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+             : t.elem_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+             3, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
              t.swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -287,17 +334,33 @@ cudaError_t launch_fp8_gemm(const Fp8GemmLaunch& l, cudaStream_t stream) {
   const KernelFn kernel = find_kernel(wgrad, l.block_m, l.block_n);
   if (kernel == nullptr) return cudaErrorInvalidValue;
   if (l.grid <= 0) return cudaSuccess;
+  if (l.params.cluster_size != 1 && (l.params.cluster_size != 2 || l.grid % 2 != 0 || wgrad))
+    return cudaErrorInvalidValue;
   if (encode_tiled() == nullptr) return cudaErrorNotSupported;
-  CUtensorMap map_a, map_b, map_sa, map_sb;
+  // Kernels that do not read a map get a valid one in its place: wgrad's B scales (others: A's), the bf16
+  // output (wgrad and fp32 outputs: A).
+  const bool tma_store = !wgrad && !l.params.out_fp32;
+  CUtensorMap map_a, map_b, map_sa, map_sb, map_d;
   if (!encode(&map_a, l.tma_a, l.a) || !encode(&map_b, l.tma_b, l.b) || !encode(&map_sa, l.tma_sa, l.sa) ||
-      !encode(&map_sb, wgrad ? l.tma_sb_rows : l.tma_sa, wgrad ? l.sb_rows : l.sa))
+      !encode(&map_sb, wgrad ? l.tma_sb_rows : l.tma_sa, wgrad ? l.sb_rows : l.sa) ||
+      !encode(&map_d, tma_store ? l.tma_d : l.tma_a, tma_store ? l.params.out : l.a))
     return cudaErrorInvalidValue;
   if (const cudaError_t err =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_bytes);
       err != cudaSuccess)
     return err;
-  kernel<<<l.grid, num_threads(l.block_m), l.smem_bytes, stream>>>(map_a, map_b, map_sa, map_sb, l.params);
-  return cudaGetLastError();
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(l.params.cluster_size);
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(l.grid));
+  config.blockDim = dim3(unsigned(num_threads(l.block_m)));
+  config.dynamicSmemBytes = size_t(l.smem_bytes);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, map_sb, map_d, l.params);
 }
 
 }  // namespace dsv3::cuda

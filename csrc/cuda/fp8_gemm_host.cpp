@@ -159,6 +159,15 @@ sm90::TmaParams operand_tma(const at::Tensor& t, int block_rows) {
                            block_rows);
 }
 
+// The bf16 output [G, rows, N] (2-D: G = 1) as the TMA store destination.
+sm90::TmaParams output_tma(const at::Tensor& out, int block_m, int block_n) {
+  const at::Tensor o3 = out.dim() == 2 ? out.unsqueeze(0) : out;
+  const int64_t rows = o3.size(1), n = o3.size(2);
+  const int64_t row_stride = rows > 1 ? o3.stride(1) : ceil_div(n, 8) * 8;
+  return sm90::tma_output(rows, n, o3.size(0), row_stride, o3.size(0) > 1 ? o3.stride(0) : rows * row_stride,
+                          block_m, block_n);
+}
+
 struct KernelCall {
   sm90::GemmConfig config;
   cuda::Fp8GemmLaunch launch{};
@@ -194,12 +203,17 @@ bool prepare(KernelCall& call, GemmKind kind, const at::Tensor& a, const at::Ten
   const int64_t tiles =
       int64_t(p.num_m_blocks) * p.num_n_blocks * (kind == GemmKind::kMasked ? num_groups : 1);
   l.grid = int(std::min<int64_t>(tiles, num_sms));
+  p.cluster_size = l.grid == c.grid ? c.cluster_size : 1;  // masked: tiles from M_max, c from expected_m
   l.a = a.const_data_ptr();
   l.b = b.const_data_ptr();
   l.sa = sa3.const_data_ptr<float>();
   l.tma_a = operand_tma(a, c.block_m);
   l.tma_b = operand_tma(b, c.block_n);
   l.tma_sa = scales_tma(sa3, c.block_m);
+  if (!p.out_fp32) {
+    l.tma_d = output_tma(out, c.block_m, c.block_n);
+    if (!sm90::tma_problem(l.tma_d).empty()) return false;
+  }
   return sm90::tma_problem(l.tma_a).empty() && sm90::tma_problem(l.tma_b).empty() &&
          sm90::tma_problem(l.tma_sa).empty();
 }

@@ -23,20 +23,23 @@ struct Fp8GemmParams {
   void* out;             // bf16 or fp32 [groups][m][n], rows out_row_stride and groups out_group_stride apart
   int64_t out_row_stride, out_group_stride;
   bool out_fp32, accumulate;  // accumulate: out += result (fp32 only)
+  int cluster_size;           // 1, or 2 (dense only: CTAs 2c and 2c + 1 share A, see choose_cluster_size)
 };
 
 struct Fp8GemmLaunch {
   Fp8GemmParams params;
   int block_m, block_n, smem_bytes, grid;
-  // TMA sources: A and B e4m3 K-major, A's scales (and B's for wgrad) MN-major fp32.
+  // TMA sources: A and B e4m3 K-major, A's scales (and B's for wgrad) MN-major fp32; TMA destination: the
+  // bf16 output (params.out; unused, and unset, for fp32 outputs).
   const void *a, *b;
   const float *sa, *sb_rows;
-  sm90::TmaParams tma_a, tma_b, tma_sa, tma_sb_rows;
+  sm90::TmaParams tma_a, tma_b, tma_sa, tma_sb_rows, tma_d;
 };
 
-// cudaErrorInvalidValue when no compiled kernel has the tile shape or a TMA descriptor is rejected (the host
-// checks both beforehand), cudaErrorNotSupported when the driver has no cuTensorMapEncodeTiled, else the
-// launch error. Nothing is launched when the grid is empty.
+// cudaErrorInvalidValue when no compiled kernel has the tile shape, a TMA descriptor is rejected (the host
+// checks both beforehand) or the cluster size is not 1, or 2 with an even grid (not wgrad),
+// cudaErrorNotSupported when the driver has no cuTensorMapEncodeTiled, else the launch error. Nothing is
+// launched when the grid is empty.
 [[nodiscard]] cudaError_t launch_fp8_gemm(const Fp8GemmLaunch& launch, cudaStream_t stream);
 
 }  // namespace dsv3::cuda

@@ -28,6 +28,15 @@ TmaParams tma_scales(int64_t rows, int64_t k_blocks, int64_t groups, int64_t kb_
           0};
 }
 
+TmaParams tma_output(int64_t rows, int64_t n, int64_t groups, int64_t row_stride, int64_t group_stride,
+                     int block_m, int block_n) {
+  return {2,
+          {uint64_t(n), uint64_t(rows), uint64_t(groups)},
+          {uint64_t(row_stride) * 2, uint64_t(group_stride) * 2},
+          {uint32_t(block_n), uint32_t(block_m), 1},
+          0};
+}
+
 std::string tma_problem(const TmaParams& p) {
   std::ostringstream why;
   for (int i = 0; i < 3; ++i) {
@@ -92,6 +101,7 @@ GemmConfig select_config(GemmKind kind, int64_t m, int64_t n, int64_t k, int64_t
     const int64_t last = tiles - (waves - 1) * num_sms;
     best.last_wave_util = double(last) / num_sms;
   }
+  if (best.ok) best.cluster_size = choose_cluster_size(kind, m, best.num_n_blocks, best.grid);
   return best;
 }
 
@@ -152,25 +162,31 @@ std::string gemm_plan_json(const std::string& kind_name, int64_t m, int64_t n, i
     write_tma(os, "b", tma_operand(n, k, groups_b, k, n * k, c.block_n));
     os << ", ";
     write_tma(os, "sa", tma_scales(m, kb, groups_a, m_pad, kb * m_pad, c.block_m));
-    if (wgrad) {
-      os << ", ";
+    os << ", ";
+    if (wgrad)
       write_tma(os, "sb", tma_scales(n, kb, 1, (n + 3) / 4 * 4, kb * ((n + 3) / 4 * 4), c.block_n));
-    }
+    else  // bf16 output [groups_a][m][n], contiguous
+      write_tma(os, "d", tma_output(m, n, groups_a, n, m * n, c.block_m, c.block_n));
     os << "}";
-    // The tile order per CTA, when small enough to print: [[group, m_block, n_block], ...] for each CTA.
+    // The tile order per CTA, when small enough to print: [[group, m_block, n_block], ...] for each CTA, and
+    // how many of the tiles a bf16 output writes with a TMA store (masked: every group with m rows; wgrad: 0,
+    // its output is fp32).
     if (c.num_tiles <= 65536) {
       os << ", \"tiles_per_cta\": [";
       const auto rows_of = [m](int) { return int(m); };
+      int tma_store_tiles = 0;
       for (int cta = 0; cta < c.grid; ++cta) {
         TileScheduler<decltype(rows_of)> sched{
             masked, int(num_groups), c.num_m_blocks, c.num_n_blocks, c.block_m, rows_of, cta, c.grid};
         os << (cta ? ", [" : "[");
         bool first = true;
-        for (TileCoord t; sched.next(t); first = false)
+        for (TileCoord t; sched.next(t); first = false) {
           os << (first ? "[" : ", [") << t.group << ", " << t.m_block << ", " << t.n_block << "]";
+          tma_store_tiles += !wgrad && tile_uses_tma_store(kind, int(m) - t.m_block * c.block_m, c.block_m);
+        }
         os << "]";
       }
-      os << "]";
+      os << "], \"tma_store_tiles\": " << tma_store_tiles;
     }
   }
   os << "}";

@@ -5,6 +5,8 @@ m_indices with -1 blocks, masked rows untouched, wgrad accumulation, and the sam
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -65,6 +67,32 @@ def test_fp8_gemm_nt_tails(path, m, n, k):
     x, w = randn(m, k), randn(n, k)
     (qa, sa), (qb, sb) = ops.quantize_per_token_group(x), ops.quantize_per_block(w)
     out = ops.fp8_gemm_nt(qa, sa, qb, sb, out=poisoned((m, n), torch.bfloat16))
+    assert diff(out, reference.fp8_gemm_nt(qa, sa, qb, sb)) < KERNEL_VS_REFERENCE
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(129, 200, 336), (64, 16, 128), (300, 136, 1040)])
+def test_fp8_gemm_nt_strided_bf16_out(path, m, n, k):
+    """A bf16 output that is a view into a wider, taller buffer: the TMA store (a box clipped at the view's
+    edges, its row stride the buffer's) writes the view only; the padding columns and rows stay poisoned."""
+    torch.manual_seed(1)
+    x, w = randn(m, k), randn(n, k)
+    (qa, sa), (qb, sb) = ops.quantize_per_token_group(x), ops.quantize_per_block(w)
+    buffer = poisoned((m + 1, n + 24), torch.bfloat16)
+    out = ops.fp8_gemm_nt(qa, sa, qb, sb, out=buffer[:m, :n])
+    assert buffer[:m, n:].isnan().all() and buffer[m:].isnan().all()
+    assert diff(out, reference.fp8_gemm_nt(qa, sa, qb, sb)) < KERNEL_VS_REFERENCE
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1100, 1024, 640), (1100, 512, 1040), (4096, 4096, 7168)])
+def test_fp8_gemm_nt_cluster(path, m, n, k):
+    """Dense GEMMs the plan runs on 2-CTA clusters (A multicast to both CTAs), with M, N and K tails."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert json.loads(torch.ops.dsv3.sm90_gemm_plan("dense", m, n, k, 1, sms))["cluster_size"] == 2
+    torch.manual_seed(2)
+    x, w = randn(m, k), randn(n, k)
+    (qa, sa), (qb, sb) = ops.quantize_per_token_group(x), ops.quantize_per_block(w)
+    out = ops.fp8_gemm_nt(qa, sa, qb, sb, out=poisoned((m, n), torch.bfloat16))
+    assert not out.isnan().any()
     assert diff(out, reference.fp8_gemm_nt(qa, sa, qb, sb)) < KERNEL_VS_REFERENCE
 
 

@@ -1,7 +1,8 @@
 """Host logic of the sm_90a FP8 GEMM kernels through torch.ops.dsv3.sm90_gemm_plan (no GPU needed): every
 V3 shape gets a config that fits in shared memory, the choice and the wave counts match a brute-force
 recomputation, the TMA parameters satisfy cuTensorMapEncodeTiled's rules, and the persistent scheduler visits
-every tile exactly once in the rasterized order."""
+every tile exactly once in the rasterized order, and the bf16 tiles written by TMA store are the ones the
+kernel may write whole (a masked GEMM's partial tiles use plain stores: rows past masked_m stay untouched)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ def check_config(p: dict, kind: str, m: int, n: int, k: int, groups: int, sms: i
     assert bn % 8 == 0 and 8 <= bn <= 256  # WGMMA m64nNk32: N a multiple of 8 up to 256
     assert 3 <= p["stages"] <= 8 and p["smem_bytes"] <= SMEM_CAPACITY <= p["smem_capacity"]
     assert p["block_k"] == 128 and p["num_k_blocks"] == math.ceil(k / 128)
-    assert p["cluster_size"] == 1
+    # 2-CTA clusters (A multicast) for dense GEMMs from 1024 rows with an even number of N blocks and an even
+    # grid: the pairing of tiles this needs is checked by check_schedule.
+    pairable = p["num_n_blocks"] % 2 == 0 and p["grid"] % 2 == 0
+    assert p["cluster_size"] == (2 if kind == "dense" and m >= 1024 and pairable else 1)
     # A B tile straddles at most two 128-row scale blocks, wherever it starts.
     assert all(n0 % 128 + bn <= 256 for n0 in range(0, n, bn))
     # Waves and utilization, recomputed.
@@ -63,7 +67,8 @@ def check_smem(p: dict, wgrad: bool) -> None:
     assert off["full_bar"] >= off["sb"] + (st * bn * 4 if wgrad else 0) and off["full_bar"] % 8 == 0
     assert off["empty_bar"] == off["full_bar"] + 8 * st and off["sb_blocks"] >= off["empty_bar"] + 8 * st
     assert off["staging"] >= off["sb_blocks"] + (0 if wgrad else 8 * p["num_k_blocks"])
-    staging = 0 if wgrad else bm * (2 * bn + 16)
+    assert off["staging"] % 128 == 0  # a TMA store source
+    staging = 0 if wgrad else bm * 2 * bn  # dense bf16 rows: the TMA store box, no swizzle
     assert p["smem_bytes"] == off["staging"] + staging + 1024  # + slack to align the base to 1024
     assert p["stage_bytes"] == bm * 128 + bn * 128 + bm * 4 + (bn * 4 if wgrad else 0)
 
@@ -80,6 +85,27 @@ def check_tma(p: dict) -> None:
     sa = p["tma"]["sa"]
     assert sa["elem_bytes"] == 4 and sa["swizzle_bytes"] == 0 and sa["box"] == [p["block_m"], 1, 1]
     assert sa["strides_bytes"][0] >= 4 * sa["dims"][0]  # MN-major: rows contiguous, padded to 4
+    if "d" in p["tma"]:  # the bf16 output's TMA store: one staged tile, unswizzled
+        d = p["tma"]["d"]
+        assert (
+            d["elem_bytes"] == 2 and d["swizzle_bytes"] == 0 and d["box"] == [p["block_n"], p["block_m"], 1]
+        )
+        assert d["strides_bytes"][0] == 2 * d["dims"][0]
+    else:
+        assert "sb" in p["tma"]  # wgrad: fp32 output from registers
+
+
+def check_tma_store_tiles(p: dict, kind: str, m: int) -> None:
+    """Every bf16 tile but a masked GEMM's partial ones (the last M block of a group when block_m does not
+    divide its rows) is written by one TMA store."""
+    tiles = [tile for cta in p["tiles_per_cta"] for tile in cta]
+    if kind == "wgrad":
+        want = 0
+    elif kind == "masked":
+        want = sum(m - mb * p["block_m"] >= p["block_m"] for _, mb, _ in tiles)
+    else:
+        want = len(tiles)
+    assert p["tma_store_tiles"] == want
 
 
 def raster_order(num_m: int, num_n: int, band: int) -> list[tuple[int, int]]:
@@ -103,6 +129,12 @@ def check_schedule(p: dict, kind: str, m: int, n: int, groups: int) -> None:
         for i, tile in enumerate(tiles):
             got[cta + i * grid] = tuple(tile)  # CTA c runs tiles c, c + grid, c + 2 grid, ...
     assert [got[t] for t in range(len(got))] == want  # every tile exactly once, in the rasterized order
+    check_tma_store_tiles(p, kind, m)
+    if p["cluster_size"] == 2:  # CTAs 2c and 2c + 1 run tiles of one M block, adjacent in N, in lockstep
+        for first, second in zip(per_cta[0::2], per_cta[1::2], strict=True):
+            assert len(first) == len(second)
+            for (g0, m0, n0), (g1, m1, n1) in zip(first, second, strict=True):
+                assert (g0, m0, n1) == (g1, m1, n0 + 1)
 
 
 @pytest.mark.parametrize("m", [1, 64, 128, 4096])
@@ -139,6 +171,8 @@ def test_masked(groups, expected_m, n, k):
     a = p["tma"]["a"]
     assert a["dims"] == [k, expected_m, groups] and a["strides_bytes"] == [k, expected_m * k]
     assert p["tma"]["sa"]["dims"] == [expected_m, math.ceil(k / 128), groups]
+    d = p["tma"]["d"]
+    assert d["dims"] == [n, expected_m, groups] and d["strides_bytes"] == [2 * n, 2 * expected_m * n]
     if "tiles_per_cta" in p:
         check_schedule(p, "masked", expected_m, n, groups)
 
@@ -164,6 +198,31 @@ def test_schedule_any_grid(sms):
         p = plan(kind, m, n, 512, groups, sms)
         check_config(p, kind, m, n, 512, groups, sms)
         check_schedule(p, kind, m, n, groups)
+
+
+def test_masked_partial_tiles_use_plain_stores():
+    # 200 rows per group: the last M block of every group is partial (200 % 64 and 200 % 128 != 0), and a TMA
+    # store would write all of its rows inside the [groups, 200, n] tensor, so only full blocks use one.
+    p = plan("masked", 200, 1024, 512, 3)
+    bm, nb = p["block_m"], p["num_n_blocks"]
+    assert p["num_tiles"] == 3 * math.ceil(200 / bm) * nb and 200 % bm != 0
+    assert p["tma_store_tiles"] == 3 * (200 // bm) * nb
+    # Dense and contiguous: the tensor's edge is the tile's edge (TMA clips the box), every tile uses it.
+    for kind in ("dense", "contiguous"):
+        q = plan(kind, 200, 1024, 512, 3)
+        assert q["tma_store_tiles"] == q["num_tiles"]
+
+
+@pytest.mark.parametrize("sms", [132, 131, 78])
+def test_cluster_choice(sms):
+    for m, n, want in ((4096, 7168, 2), (1024, 4096, 2), (1023, 4096, 1), (2048, 2112, None)):
+        p = plan("dense", m, n, 2048, 1, sms)
+        check_config(p, "dense", m, n, 2048, 1, sms)
+        check_schedule(p, "dense", m, n, 1)
+        if want is not None and p["grid"] % 2 == 0 and p["num_n_blocks"] % 2 == 0:
+            assert p["cluster_size"] == want
+    for kind in ("contiguous", "masked", "wgrad"):  # their tiles cannot be paired in lockstep
+        assert plan(kind, 4096, 7168, 2048, 4, sms)["cluster_size"] == 1
 
 
 def test_small_m_prefers_small_n_tiles():

@@ -21,7 +21,8 @@ constexpr int kMinStages = 3;
 constexpr int kMaxStages = 8;
 constexpr int kRasterGroupN = 16;  // N blocks per rasterization band (B tiles shared through L2)
 constexpr int kWarpgroupThreads = 128;
-constexpr int kStagingPad = 16;  // bytes per staged bf16 output row: conflict-free fragment writes
+constexpr int kStagingAlign = 128;     // the bf16 output staging tile is a TMA store source
+constexpr int kClusterMinRows = 1024;  // dense GEMMs from this many rows may run on 2-CTA clusters
 
 enum class GemmKind : int { kDense = 0, kContiguous = 1, kMasked = 2, kWgrad = 3 };
 
@@ -48,11 +49,12 @@ DSV3_HD constexpr int num_threads(int block_m) {
 // B [block_n][128] e4m3 (128B-swizzled), A's scales [block_m] fp32 and, for wgrad, B's scales [block_n].
 // Then the full/empty barriers, the B-scale blocks of the current tile (two rows of num_k_blocks floats: a
 // tile may straddle two 128-row blocks; not for wgrad) and the bf16 output staging tile (not for wgrad, whose
-// fp32 output is written straight from registers).
+// fp32 output is written straight from registers): dense [block_m][block_n] rows, the layout of a TMA store
+// box without swizzle, 128-byte aligned.
 struct SmemLayout {
   int a, b, sa, sb, full_bar, empty_bar, sb_blocks, staging, bytes;
 };
-DSV3_HD constexpr int staging_pitch_bytes(int block_n) { return block_n * 2 + kStagingPad; }
+DSV3_HD constexpr int staging_pitch_bytes(int block_n) { return block_n * 2; }
 DSV3_HD constexpr SmemLayout smem_layout(int block_m, int block_n, int stages, bool wgrad, int num_k_blocks) {
   SmemLayout l{};
   l.a = 0;
@@ -62,13 +64,22 @@ DSV3_HD constexpr SmemLayout smem_layout(int block_m, int block_n, int stages, b
   l.full_bar = align_up(l.sb + (wgrad ? stages * block_n * 4 : 0), 8);
   l.empty_bar = l.full_bar + stages * 8;
   l.sb_blocks = align_up(l.empty_bar + stages * 8, 16);
-  l.staging = align_up(l.sb_blocks + (wgrad ? 0 : 2 * num_k_blocks * 4), 16);
+  l.staging = align_up(l.sb_blocks + (wgrad ? 0 : 2 * num_k_blocks * 4), kStagingAlign);
   // + kSmemAlign: slack to align the dynamic shared-memory base up to 1024 bytes inside the kernel.
   l.bytes = l.staging + (wgrad ? 0 : block_m * staging_pitch_bytes(block_n)) + kSmemAlign;
   return l;
 }
 DSV3_HD constexpr int stage_tx_bytes(int block_m, int block_n, bool wgrad) {
   return block_m * kBlockK + block_n * kBlockK + block_m * 4 + (wgrad ? block_n * 4 : 0);
+}
+
+// Which bf16 tiles the kernel writes with one TMA store of the staged tile. A TMA store clips the box at the
+// tensor's edges, which are the M/N tails of dense and contiguous GEMMs, so their tiles always use it. A
+// masked GEMM's tensor holds M_max rows per group but only rows < masked_m[g] may be written: a full tile
+// (rows >= block_m valid rows) uses the TMA store, a partial one (the last M block of a group) plain
+// predicated stores.
+DSV3_HD constexpr bool tile_uses_tma_store(GemmKind kind, int rows, int block_m) {
+  return kind != GemmKind::kMasked || rows >= block_m;
 }
 
 // ---- persistent tile scheduler: CTA b visits tiles b, b + grid, b + 2 grid, ... Within a group, tiles are
@@ -118,9 +129,19 @@ struct TileScheduler {
   }
 };
 
+// 2-CTA clusters: CTAs 2c and 2c + 1 form a cluster; the first loads the A tile and A's scales of each stage
+// once and multicasts them into both CTAs' shared memory, each loads its own B tile. That needs the pair to
+// run tiles of one M block at every step, in lockstep: a dense GEMM (no skipped or masked tiles) with an even
+// number of N blocks (every raster band then has an even width, so tiles 2i and 2i + 1 share their M block
+// and are adjacent in N) and an even grid (CTA 2c runs tiles 2c + i grid, even, and both CTAs run as many
+// tiles). Only where A traffic matters: m >= kClusterMinRows.
+DSV3_HD constexpr int choose_cluster_size(GemmKind kind, int64_t m, int num_n_blocks, int grid) {
+  return kind == GemmKind::kDense && m >= kClusterMinRows && num_n_blocks % 2 == 0 && grid % 2 == 0 ? 2 : 1;
+}
+
 // ---- TMA descriptor parameters (cuTensorMapEncodeTiled's arguments), 3-D: dim 0 is contiguous.
 struct TmaParams {
-  int elem_bytes;             // 1 (e4m3, as uint8) or 4 (fp32)
+  int elem_bytes;             // 1 (e4m3, as uint8), 2 (bf16) or 4 (fp32)
   uint64_t dims[3];           // elements
   uint64_t strides_bytes[2];  // of dims 1 and 2
   uint32_t box[3];            // elements
@@ -134,6 +155,10 @@ TmaParams tma_operand(int64_t rows, int64_t k, int64_t groups, int64_t row_strid
 // boxes of block_rows scales of one K block.
 TmaParams tma_scales(int64_t rows, int64_t k_blocks, int64_t groups, int64_t kb_stride, int64_t group_stride,
                      int block_rows);
+// The bf16 output [groups][rows][n] (rows apart by row_stride, groups by group_stride elements) as a TMA
+// store destination: boxes of block_n x block_m, no swizzle (the staging tile's layout).
+TmaParams tma_output(int64_t rows, int64_t n, int64_t groups, int64_t row_stride, int64_t group_stride,
+                     int block_m, int block_n);
 // Empty when cuTensorMapEncodeTiled accepts p (dims >= 1, strides multiples of 16 bytes, boxes <= 256, a
 // swizzled box row <= the swizzle span), else why not.
 std::string tma_problem(const TmaParams& p);
@@ -149,7 +174,8 @@ struct GemmConfig {
 // m: rows (dense/wgrad), sum of rows (contiguous), expected rows per group (masked); n, k: the problem's N, K
 // (k: of one group for k-grouped wgrad). Minimizes the estimated time waves x (block_m + 32) x (block_n + 32)
 // (the +32s stand for per-tile costs that do not shrink with the tile: scale loads, promotion, epilogue),
-// ties broken by the larger tile; the stages are as many as fit in shared memory (<= kMaxStages).
+// ties broken by the larger tile; the stages are as many as fit in shared memory (<= kMaxStages); the cluster
+// size by choose_cluster_size.
 GemmConfig select_config(GemmKind kind, int64_t m, int64_t n, int64_t k, int64_t num_groups, int num_sms);
 // Shared-memory stages for a tile shape, 0 when fewer than kMinStages fit.
 int stages_that_fit(int block_m, int block_n, bool wgrad, int num_k_blocks);
