@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = {"gemm": "dsv3.bench.gemm"}
+FAMILIES = {"gemm": "dsv3.bench.gemm", "grouped": "dsv3.bench.grouped", "quant": "dsv3.bench.quant"}
 
 
 def run(argv: list[str]) -> int:

@@ -10,9 +10,6 @@ Baselines, all timed side by side in one process (medians of interleaved rounds)
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 
 import torch
@@ -22,6 +19,7 @@ import dsv3
 from dsv3 import ops
 from dsv3.ops.reference import V3_GEMM_SHAPES
 
+from .common import write_json
 from .timing import time_side_by_side
 
 DEFAULT_MS = [1, 16, 128, 512, 2048]
@@ -118,19 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  M={m} N={n} K={k}: {r['dsv3_gflops']:.1f} GFLOP/s, {r['dsv3_gbps']:.1f} GB/s", flush=True
             )
     _print_table(rows, baselines)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        meta = {
-            "dsv3": dsv3.__version__,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "cpu": platform.processor() or platform.machine(),
-            "build": dsv3.build_info(),
-        }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print(f"results: {args.json}")
+    write_json(args.json, args.device, rows)
     return 0
 
 

@@ -1,0 +1,28 @@
+"""What every benchmark family shares: the results file with the run's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import torch
+
+import dsv3
+
+
+def write_json(path: str | None, device: str, rows: list[dict]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    meta = {
+        "dsv3": dsv3.__version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "build": dsv3.build_info(),
+    }
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"results: {path}")
