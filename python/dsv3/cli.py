@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, compiled CUDA archs, visible GPUs, active CPU path").set_defaults(
         fn=_info
     )
-    bench = sub.add_parser("bench", help="microbenchmarks: dsv3 bench gemm [--help]", add_help=False)
+    bench = sub.add_parser(
+        "bench", help="microbenchmarks: dsv3 bench {gemm,grouped,quant} [--help]", add_help=False
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)
     args = parser.parse_args(argv)
