@@ -1,14 +1,20 @@
 // CPU kernels of the FP8 quantization ops (SPEC §2): per-token 1 x group and per-block scaling and their
-// inverses. Scalar fp32 math identical to dsv3.ops.reference, so results match it bit for bit.
+// inverses. Scalar fp32 math identical to dsv3.ops.reference, so results match it bit for bit; on the AVX-512
+// path the inner loops run in csrc/cpu/quant_avx512.cpp with the same math.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
+#include "dsv3/cpu_features.h"
 #include "dsv3/fp8.h"
 #include "dsv3/ops.h"
 #include "dsv3/validate.h"
+#include "quant_avx512.h"
 
 namespace dsv3::cpu {
 namespace {
@@ -34,8 +40,24 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elems_per_item));
 }
 
+// The element types the AVX-512 loops take (double stays on the scalar code).
 template <typename T>
-float group_amax(const T* x, int64_t n) {
+constexpr bool kVecType =
+    std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+template <typename T>
+constexpr QuantDtype quant_dtype() {
+  if constexpr (std::is_same_v<T, float>) return QuantDtype::kFloat;
+  if constexpr (std::is_same_v<T, at::BFloat16>) return QuantDtype::kBFloat16;
+  return QuantDtype::kHalf;
+}
+
+bool use_avx512() { return active_cpu_path() == CpuPath::kAvx512; }
+
+template <typename T>
+float group_amax(const T* x, int64_t n, bool avx) {
+  if constexpr (kVecType<T>)
+    if (avx) return quant_amax_avx512(x, n, quant_dtype<T>());
   float amax = 0.0f;
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -47,8 +69,18 @@ float group_amax(const T* x, int64_t n) {
 }
 
 template <typename T>
-void quantize_group(const T* x, uint8_t* q, int64_t n, float s) {
+void quantize_group(const T* x, uint8_t* q, int64_t n, float s, bool avx) {
+  if constexpr (kVecType<T>)
+    if (avx) return quant_fp8_avx512(x, q, n, s, quant_dtype<T>());
   for (int64_t i = 0; i < n; ++i) q[i] = float_to_e4m3(static_cast<float>(x[i]) / s);
+}
+
+// out[i] = T(e4m3(q[i]) * s); the AVX-512 loop leaves NaN codes and non-finite scales to the scalar code.
+template <typename T>
+void dequantize_run(const uint8_t* q, T* out, int64_t n, float s, bool avx) {
+  if constexpr (kVecType<T>)
+    if (avx && std::isfinite(s) && !dequant_fp8_avx512(q, out, n, s, quant_dtype<T>())) return;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(e4m3_to_float(q[i]) * s);
 }
 
 }  // namespace
@@ -62,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_
   if (rows == 0 || groups == 0) return {q, scales};
   const ScaleView sv = scale_view(scales, x);
   auto* qp = static_cast<uint8_t*>(q.data_ptr());
+  const bool avx = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_per_token_group", [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows * groups, grain_for(group_size), [&](int64_t begin, int64_t end) {
@@ -69,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_
         const int64_t row = i / groups, g = i % groups, k0 = g * group_size;
         const int64_t n = std::min(group_size, k - k0);
         const scalar_t* src = xp + row * k + k0;
-        const float s = fp8_scale(group_amax(src, n), ue8m0);
+        const float s = fp8_scale(group_amax(src, n, avx), ue8m0);
         sv.at(row, g) = s;
-        quantize_group(src, qp + row * k + k0, n, s);
+        quantize_group(src, qp + row * k + k0, n, s, avx);
       }
     });
   });
@@ -89,13 +122,14 @@ at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& 
   if (rows == 0) return out;
   const ScaleView sv = scale_view(s, q);
   const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const bool avx = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "dequantize_per_token_group", [&] {
     auto* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(k), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
-        for (int64_t i = 0; i < k; ++i)
-          op[row * k + i] =
-              static_cast<scalar_t>(e4m3_to_float(qp[row * k + i]) * sv.at(row, i / group_size));
+        for (int64_t k0 = 0; k0 < k; k0 += group_size)
+          dequantize_run(qp + row * k + k0, op + row * k + k0, std::min(group_size, k - k0),
+                         sv.at(row, k0 / group_size), avx);
     });
   });
   return out;
@@ -111,21 +145,39 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_block(const at::Tensor& w_in, in
   if (batch * nb * kb == 0) return {q, scale_inv};
   auto* qp = static_cast<uint8_t*>(q.data_ptr());
   float* sp = scale_inv.data_ptr<float>();
+  const bool avx = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "quantize_per_block", [&] {
     const auto* wp = w.const_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * nb * kb, 1, [&](int64_t begin, int64_t end) {
+    // One task takes a row panel of blocks, span_b blocks wide (about 1 MB of input), and walks it row by row
+    // twice (amax, then quantize): long contiguous runs per row keep the hardware prefetchers busy.
+    const int64_t block_bytes = block_size >= 1024
+                                    ? int64_t(1) << 20
+                                    : block_size * block_size * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t span_b = std::max<int64_t>(1, (int64_t(1) << 20) / block_bytes);
+    const int64_t spans = ceil_div(kb, span_b);
+    at::parallel_for(0, batch * nb * spans, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> amax(span_b), scale(span_b);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t bi = i / (nb * kb), r0 = (i / kb) % nb * block_size, c0 = i % kb * block_size;
-        const int64_t rn = std::min(block_size, n - r0), cn = std::min(block_size, k - c0);
-        const scalar_t* src = wp + (bi * n + r0) * k + c0;
-        float amax = 0.0f;
-        for (int64_t r = 0; r < rn; ++r) {
-          const float ra = group_amax(src + r * k, cn);
-          amax = std::isnan(ra) || std::isnan(amax) ? NAN : std::fmax(amax, ra);
+        const int64_t bi = i / (nb * spans), pb = (i / spans) % nb, b0 = i % spans * span_b;
+        const int64_t r0 = pb * block_size, rn = std::min(block_size, n - r0), bn = std::min(span_b, kb - b0);
+        const scalar_t* src = wp + (bi * n + r0) * k;
+        uint8_t* dst = qp + (bi * n + r0) * k;
+        std::fill(amax.begin(), amax.end(), 0.0f);
+        for (int64_t r = 0; r < rn; ++r)
+          for (int64_t b = 0; b < bn; ++b) {
+            const int64_t c0 = (b0 + b) * block_size;
+            const float ra = group_amax(src + r * k + c0, std::min(block_size, k - c0), avx);
+            amax[b] = std::isnan(ra) || std::isnan(amax[b]) ? NAN : std::fmax(amax[b], ra);
+          }
+        for (int64_t b = 0; b < bn; ++b) {
+          scale[b] = fp8_scale(amax[b], ue8m0);
+          sp[(bi * nb + pb) * kb + b0 + b] = scale[b];
         }
-        const float s = fp8_scale(amax, ue8m0);
-        sp[i] = s;
-        for (int64_t r = 0; r < rn; ++r) quantize_group(src + r * k, qp + (bi * n + r0 + r) * k + c0, cn, s);
+        for (int64_t r = 0; r < rn; ++r)
+          for (int64_t b = 0; b < bn; ++b) {
+            const int64_t c0 = (b0 + b) * block_size;
+            quantize_group(src + r * k + c0, dst + r * k + c0, std::min(block_size, k - c0), scale[b], avx);
+          }
       }
     });
   });
@@ -143,13 +195,15 @@ at::Tensor dequantize_per_block(const at::Tensor& q_in, const at::Tensor& scale_
   if (q.numel() == 0) return out;
   const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float* sp = s.data_ptr<float>();
+  const bool avx = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "dequantize_per_block", [&] {
     auto* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(k), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const float* srow = sp + ((row / n) * nb + (row % n) / block_size) * kb;
-        for (int64_t i = 0; i < k; ++i)
-          op[row * k + i] = static_cast<scalar_t>(e4m3_to_float(qp[row * k + i]) * srow[i / block_size]);
+        for (int64_t k0 = 0; k0 < k; k0 += block_size)
+          dequantize_run(qp + row * k + k0, op + row * k + k0, std::min(block_size, k - k0),
+                         srow[k0 / block_size], avx);
       }
     });
   });
