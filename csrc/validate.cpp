@@ -138,6 +138,15 @@ std::tuple<at::Tensor, at::Tensor> alloc_quantize_per_token_group(const at::Tens
   return {q, alloc_scales(lead, x.size(-2), groups, col_major_scales, opts)};
 }
 
+TokenGroupScales token_group_scales(const at::Tensor& x, const at::Tensor& scales, bool writable) {
+  const int64_t rows = x.dim() == 1 ? 1 : x.size(-2);
+  const int64_t batch = x.dim() <= 2 ? 1 : c10::multiply_integers(x.sizes().slice(0, x.dim() - 2));
+  at::Tensor s3 = scales.reshape({batch, rows, scales.size(-1)});
+  TORCH_INTERNAL_ASSERT(!writable || s3.data_ptr() == scales.data_ptr(),
+                        "output scales must be viewable as 3-D");
+  return {s3, batch, rows};
+}
+
 void check_dequantize_per_token_group(const at::Tensor& q, const at::Tensor& scales, int64_t group_size,
                                       at::ScalarType out_dtype) {
   const char* op = "dequantize_per_token_group";

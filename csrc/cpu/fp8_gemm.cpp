@@ -43,18 +43,11 @@ void run(const std::vector<GemmProblem>& problems) {
   if (!problems.empty()) run_gemms(problems.data(), static_cast<int64_t>(problems.size()));
 }
 
-bool empty_k(const at::Tensor& a, at::Tensor& out, bool accumulate) {
-  if (a.size(-1) != 0) return false;
-  if (!accumulate) out.zero_();
-  return true;
-}
-
 }  // namespace
 
 void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
                  at::Tensor& out) {
   check_fp8_gemm_nt(a, sa, b, sb, out);
-  if (out.numel() == 0 || empty_k(a, out, false)) return;
   run({make_problem(a, sa, b, sb, out, kGemmBlock, false)});
 }
 
@@ -68,7 +61,6 @@ void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& sa,
     DSV3_CHECK(gp[r] >= -1 && gp[r] < groups, "m_grouped_fp8_gemm_nt_contiguous",
                "m_indices must be in [-1, ", groups, "), got m_indices[", r, "] = ", gp[r]);
   }
-  if (out.numel() == 0 || empty_k(a, out, false)) return;
   // One problem per maximal run of rows sharing a group; rows of group -1 are skipped and zeroed.
   std::vector<GemmProblem> problems;
   for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
@@ -97,11 +89,9 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, con
   }
   std::vector<GemmProblem> problems;
   for (int64_t g = 0; g < groups; ++g) {
-    if (mp[g] == 0 || out.size(2) == 0) continue;
-    auto o = out[g].narrow(0, 0, mp[g]);
-    if (empty_k(a, o, false)) continue;
-    problems.push_back(
-        make_problem(a[g].narrow(0, 0, mp[g]), sa[g].narrow(0, 0, mp[g]), b[g], sb[g], o, kGemmBlock, false));
+    if (mp[g] == 0) continue;
+    problems.push_back(make_problem(a[g].narrow(0, 0, mp[g]), sa[g].narrow(0, 0, mp[g]), b[g], sb[g],
+                                    out[g].narrow(0, 0, mp[g]), kGemmBlock, false));
   }
   run(problems);
 }
@@ -109,14 +99,12 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& sa, con
 void fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
                        at::Tensor& out) {
   check_fp8_gemm_wgrad_nt(a, sa, b, sb, out);
-  if (out.numel() == 0 || a.size(1) == 0) return;
   run({make_problem(a, sa, b, sb, out, 1, true)});
 }
 
 void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
                                  const at::Tensor& sb, at::IntArrayRef ks, at::Tensor& out) {
   check_k_grouped_wgrad(a, sa, b, sb, ks, out);
-  if (out.numel() == 0) return;
   std::vector<GemmProblem> problems;
   int64_t k_off = 0, s_off = 0;
   for (size_t g = 0; g < ks.size(); ++g) {

@@ -19,21 +19,20 @@
 namespace dsv3::cpu {
 namespace {
 
-// A [batch, rows, cols] view of the scales of a per-token-group op, whatever their layout.
+// Per-token-group scales addressed by flat row (batch * rows + row) and group, whatever their layout.
 struct ScaleView {
   float* data;
   int64_t batch_stride, row_stride, group_stride, rows;
+  explicit ScaleView(const TokenGroupScales& t)
+      : data(t.scales3.data_ptr<float>()),
+        batch_stride(t.scales3.stride(0)),
+        row_stride(t.scales3.stride(1)),
+        group_stride(t.scales3.stride(2)),
+        rows(t.rows) {}
   float& at(int64_t row, int64_t group) const {
     return data[(row / rows) * batch_stride + (row % rows) * row_stride + group * group_stride];
   }
 };
-
-ScaleView scale_view(const at::Tensor& scales, const at::Tensor& x) {
-  if (x.dim() == 1) return {scales.data_ptr<float>(), 0, 0, scales.stride(0), 1};
-  at::Tensor s3 = scales.dim() == 2 ? scales.unsqueeze(0) : scales.flatten(0, -3);
-  TORCH_INTERNAL_ASSERT(s3.data_ptr() == scales.data_ptr(), "scales must be viewable as 3-D");
-  return {s3.data_ptr<float>(), s3.stride(0), s3.stride(1), s3.stride(2), s3.size(1)};
-}
 
 // Grain sizes: enough elements per task to amortize the thread hand-off.
 int64_t grain_for(int64_t elems_per_item) {
@@ -92,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_
   const at::Tensor x = x_in.contiguous();
   const int64_t k = x.size(-1), rows = k == 0 ? 0 : x.numel() / k, groups = ceil_div(k, group_size);
   if (rows == 0 || groups == 0) return {q, scales};
-  const ScaleView sv = scale_view(scales, x);
+  const ScaleView sv(token_group_scales(x, scales, /*writable=*/true));
   auto* qp = static_cast<uint8_t*>(q.data_ptr());
   const bool avx = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_per_token_group", [&] {
@@ -116,11 +115,11 @@ at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& 
   const auto dt = out_dtype.value_or(at::kBFloat16);
   check_dequantize_per_token_group(q_in, scales, group_size, dt);
   const at::Tensor q = q_in.contiguous();
-  const at::Tensor s = scales.dim() > 3 ? scales.flatten(0, -3) : scales;  // read-only: a copy is fine
   auto out = at::empty(q.sizes(), q.options().dtype(dt));
   const int64_t k = q.size(-1), rows = k == 0 ? 0 : q.numel() / k;
   if (rows == 0) return out;
-  const ScaleView sv = scale_view(s, q);
+  const TokenGroupScales layout = token_group_scales(q, scales, /*writable=*/false);  // keeps a copy alive
+  const ScaleView sv(layout);
   const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
   const bool avx = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "dequantize_per_token_group", [&] {

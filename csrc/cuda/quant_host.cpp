@@ -20,18 +20,6 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// (batch, rows, strides) of a per-token-group problem over x [..., rows, K] and its scales.
-struct TokenGroupGeometry {
-  int64_t batch, rows, s_batch, s_row, s_group;
-};
-
-TokenGroupGeometry token_group_geometry(const at::Tensor& x, const at::Tensor& scales) {
-  if (x.dim() == 1) return {1, 1, 0, 0, scales.stride(0)};
-  const at::Tensor s3 = scales.dim() == 2 ? scales.unsqueeze(0) : scales.flatten(0, -3);
-  TORCH_INTERNAL_ASSERT(s3.data_ptr() == scales.data_ptr(), "scales must be viewable as 3-D");
-  return {s3.size(0), s3.size(1), s3.stride(0), s3.stride(1), s3.stride(2)};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size,
@@ -40,29 +28,27 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto [q, scales] = alloc_quantize_per_token_group(x_in, group_size, col_major_scales);
   const at::Tensor x = x_in.contiguous();
-  const auto g = token_group_geometry(x, scales);
+  const TokenGroupScales g = token_group_scales(x, scales, /*writable=*/true);
   check_launch(quantize_per_token_group(x.const_data_ptr(), dtype_of(x.scalar_type()), g.batch, g.rows,
                                         x.size(-1), group_size, ue8m0, static_cast<uint8_t*>(q.data_ptr()),
-                                        scales.data_ptr<float>(), g.s_batch, g.s_row, g.s_group,
-                                        c10::cuda::getCurrentCUDAStream()),
+                                        scales.data_ptr<float>(), g.scales3.stride(0), g.scales3.stride(1),
+                                        g.scales3.stride(2), c10::cuda::getCurrentCUDAStream()),
                "quantize_per_token_group");
   return {q, scales};
 }
 
-at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& scales_in, int64_t group_size,
+at::Tensor dequantize_per_token_group(const at::Tensor& q_in, const at::Tensor& scales, int64_t group_size,
                                       std::optional<at::ScalarType> out_dtype) {
   const auto dt = out_dtype.value_or(at::kBFloat16);
-  check_dequantize_per_token_group(q_in, scales_in, group_size, dt);
+  check_dequantize_per_token_group(q_in, scales, group_size, dt);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
-  const at::Tensor scales =
-      scales_in.dim() > 3 ? scales_in.flatten(0, -3) : scales_in;  // read-only: copy is fine
   auto out = at::empty(q.sizes(), q.options().dtype(dt));
-  const auto g = token_group_geometry(q, scales);
-  check_launch(dequantize_per_token_group(static_cast<const uint8_t*>(q.const_data_ptr()),
-                                          scales.const_data_ptr<float>(), g.s_batch, g.s_row, g.s_group,
-                                          g.batch, g.rows, q.size(-1), group_size, out.data_ptr(),
-                                          dtype_of(dt), c10::cuda::getCurrentCUDAStream()),
+  const TokenGroupScales g = token_group_scales(q, scales, /*writable=*/false);
+  check_launch(dequantize_per_token_group(
+                   static_cast<const uint8_t*>(q.const_data_ptr()), g.scales3.const_data_ptr<float>(),
+                   g.scales3.stride(0), g.scales3.stride(1), g.scales3.stride(2), g.batch, g.rows, q.size(-1),
+                   group_size, out.data_ptr(), dtype_of(dt), c10::cuda::getCurrentCUDAStream()),
                "dequantize_per_token_group");
   return out;
 }

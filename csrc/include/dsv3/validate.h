@@ -17,6 +17,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 void check_quantize_per_token_group(const at::Tensor& x, int64_t group_size, bool col_major_scales);
 std::tuple<at::Tensor, at::Tensor> alloc_quantize_per_token_group(const at::Tensor& x, int64_t group_size,
                                                                   bool col_major_scales);
+// The scales of a per-token-group op over x [..., rows, K] (1-D x: one row) as [batch, rows, groups]. For
+// `writable` scales (an op's output) this is always a view; read-only scales may be copied when they cannot
+// be viewed so.
+struct TokenGroupScales {
+  at::Tensor scales3;
+  int64_t batch, rows;
+};
+TokenGroupScales token_group_scales(const at::Tensor& x, const at::Tensor& scales, bool writable);
 void check_dequantize_per_token_group(const at::Tensor& q, const at::Tensor& scales, int64_t group_size,
                                       at::ScalarType out_dtype);
 void check_quantize_per_block(const at::Tensor& w, int64_t block_size);
