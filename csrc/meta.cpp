@@ -4,6 +4,9 @@
 #include "dsv3/validate.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "dsv3/mla_sched.h"
 
 namespace dsv3::meta {
 
@@ -56,6 +59,29 @@ void fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tens
 void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
                                  const at::Tensor& sb, at::IntArrayRef ks, at::Tensor& out) {
   check_k_grouped_wgrad(a, sa, b, sb, ks, out);
+}
+
+// The schedule's row count depends on the device's workers; without a device it is num_sm_parts, or one
+// part per ATen thread (the CPU choice).
+std::tuple<at::Tensor, at::Tensor> get_mla_decode_metadata(const at::Tensor& cache_seqlens,
+                                                           int64_t num_q_tokens_per_head_k,
+                                                           int64_t num_heads_k,
+                                                           std::optional<int64_t> num_sm_parts) {
+  check_mla_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts);
+  const int64_t parts =
+      num_sm_parts.value_or(mla::num_parts_for(at::get_num_threads(), num_heads_k, num_q_tokens_per_head_k));
+  return alloc_mla_metadata(cache_seqlens, parts);
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Tensor& kv_cache,
+                                              const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                                              int64_t head_dim_v, std::optional<double> softmax_scale,
+                                              bool causal,
+                                              const std::optional<at::Tensor>& tile_scheduler_metadata,
+                                              const std::optional<at::Tensor>& num_splits) {
+  const MlaDecodeDims d = check_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                                           tile_scheduler_metadata, num_splits);
+  return alloc_mla_decode(q, d);
 }
 
 }  // namespace dsv3::meta

@@ -29,6 +29,15 @@ TORCH_LIBRARY(dsv3, m) {
       "k_grouped_fp8_gemm_wgrad_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, int[] ks, Tensor(a!) out) -> "
       "()");
 
+  // MLA decode (SPEC §4): the split-KV schedule, then attention over the paged latent cache.
+  m.def(
+      "get_mla_decode_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, "
+      "int? num_sm_parts=None) -> (Tensor, Tensor)");
+  m.def(
+      "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+      "float? softmax_scale=None, bool causal=False, Tensor? tile_scheduler_metadata=None, "
+      "Tensor? num_splits=None) -> (Tensor, Tensor)");
+
   m.def("build_info() -> str", &dsv3::build_info);
   // The sm_90a FP8 GEMM plan (config, TMA parameters, tile order) as JSON: host logic, testable without a
   // GPU.
@@ -47,7 +56,9 @@ TORCH_LIBRARY(dsv3, m) {
   m.impl("m_grouped_fp8_gemm_nt_contiguous", &dsv3::ns::m_grouped_fp8_gemm_nt_contiguous); \
   m.impl("m_grouped_fp8_gemm_nt_masked", &dsv3::ns::m_grouped_fp8_gemm_nt_masked);         \
   m.impl("fp8_gemm_wgrad_nt", &dsv3::ns::fp8_gemm_wgrad_nt);                               \
-  m.impl("k_grouped_fp8_gemm_wgrad_nt", &dsv3::ns::k_grouped_fp8_gemm_wgrad_nt);
+  m.impl("k_grouped_fp8_gemm_wgrad_nt", &dsv3::ns::k_grouped_fp8_gemm_wgrad_nt);           \
+  m.impl("get_mla_decode_metadata", &dsv3::ns::get_mla_decode_metadata);                   \
+  m.impl("mla_decode", &dsv3::ns::mla_decode);
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m){DSV3_REGISTER_OPS(cpu)} TORCH_LIBRARY_IMPL(dsv3, Meta,
                                                                             m){DSV3_REGISTER_OPS(meta)}

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "dsv3/checks.h"
+#include "dsv3/mla_sched.h"
 
 namespace dsv3 {
 namespace {
@@ -254,6 +255,183 @@ void check_k_grouped_wgrad(const at::Tensor& a, const at::Tensor& sa, const at::
   check_scales(sa, op, "sa", {m, kb_total}, "[M, sum(ceil(ks/128))]", a);
   check_scales(sb, op, "sb", {n, kb_total}, "[N, sum(ceil(ks/128))]", a);
   check_gemm_out(op, out, a, {g, m, n}, "[len(ks), M, N]", true);
+}
+
+// ---- MLA decode --------------------------------------------------------------------------------------
+
+void check_mla_metadata_args(const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
+                             int64_t num_heads_k, std::optional<int64_t> num_sm_parts) {
+  const char* op = "get_mla_decode_metadata";
+  check_dtype(cache_seqlens, op, "cache_seqlens", at::kInt);
+  check_dim(cache_seqlens, op, "cache_seqlens", 1);
+  DSV3_CHECK(cache_seqlens.size(0) < (int64_t(1) << 30), op,
+             "cache_seqlens must have fewer than 2^30 entries");
+  check_positive(num_q_tokens_per_head_k, op, "num_q_tokens_per_head_k");
+  check_positive(num_heads_k, op, "num_heads_k");
+  if (num_sm_parts) {
+    DSV3_CHECK(*num_sm_parts > 0 && *num_sm_parts <= (int64_t(1) << 20), op,
+               "num_sm_parts must be in [1, 2^20], got ", *num_sm_parts);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> alloc_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_parts) {
+  const auto opts = cache_seqlens.options().dtype(at::kInt);
+  return {at::empty({num_parts, mla::kMetaInts}, opts), at::empty({cache_seqlens.size(0) + 1}, opts)};
+}
+
+MlaDecodeDims check_mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                               const at::Tensor& cache_seqlens, int64_t head_dim_v,
+                               std::optional<double> softmax_scale,
+                               const std::optional<at::Tensor>& tile_scheduler_metadata,
+                               const std::optional<at::Tensor>& num_splits) {
+  const char* op = "mla_decode";
+  check_float_input(q, op, "q");
+  check_dim(q, op, "q", 4);
+  check_defined(kv_cache, op, "kv_cache");
+  check_dim(kv_cache, op, "kv_cache", 4);
+  check_same_device(kv_cache, q, op, "kv_cache");
+  const auto kv_t = kv_cache.scalar_type();
+  const bool fp8_kv = kv_t == at::kByte || kv_t == at::kFloat8_e4m3fn;
+  DSV3_CHECK_TYPE(fp8_kv || kv_t == q.scalar_type(), op, "kv_cache must have q's dtype (", q.scalar_type(),
+                  ") or be a packed FP8 cache (uint8 or float8_e4m3fn), got ", kv_t);
+  DSV3_CHECK(q.stride(-1) == 1 || q.size(-1) <= 1, op,
+             "q must be contiguous in its last dim (stride(-1) == 1), got strides ", shape_str(q.strides()));
+  DSV3_CHECK(kv_cache.stride(-1) == 1 || kv_cache.size(-1) <= 1, op,
+             "kv_cache must be contiguous in its last dim (stride(-1) == 1), got strides ",
+             shape_str(kv_cache.strides()));
+  for (int64_t i = 0; i < 4; ++i) {
+    DSV3_CHECK(q.stride(i) >= 0, op, "q must not have negative strides, got ", shape_str(q.strides()));
+    DSV3_CHECK(kv_cache.stride(i) >= 0, op, "kv_cache must not have negative strides, got ",
+               shape_str(kv_cache.strides()));
+  }
+
+  MlaDecodeDims d{};
+  d.b = q.size(0);
+  d.s_q = q.size(1);
+  d.h_q = q.size(2);
+  d.d_qk = q.size(3);
+  d.d_v = head_dim_v;
+  d.num_blocks = kv_cache.size(0);
+  d.h_kv = kv_cache.size(2);
+  d.fp8_kv = fp8_kv;
+  DSV3_CHECK(d.d_qk > 0, op, "q must have a non-empty head dim, got shape ", shape_str(q.sizes()));
+  DSV3_CHECK(kv_cache.size(1) == mla::kPageSize, op, "kv_cache must have pages of ", mla::kPageSize,
+             " tokens: shape [num_blocks, 64, h_kv, d], got ", shape_str(kv_cache.sizes()));
+  DSV3_CHECK(d.h_kv > 0, op, "kv_cache must have at least one KV head, got shape ",
+             shape_str(kv_cache.sizes()));
+  DSV3_CHECK(d.h_q % d.h_kv == 0, op, "q's head count h_q = ", d.h_q,
+             " must be a multiple of kv_cache's h_kv = ", d.h_kv);
+  DSV3_CHECK(head_dim_v > 0 && head_dim_v <= d.d_qk, op, "head_dim_v must be in [1, d_qk = ", d.d_qk,
+             "], got ", head_dim_v);
+  const int64_t last = fp8_kv ? mla_fp8_token_bytes(d.d_qk, d.d_v) : d.d_qk;
+  DSV3_CHECK(
+      kv_cache.size(3) == last, op, "kv_cache must have last dim ", last,
+      fp8_kv ? " (packed FP8 bytes: d_v e4m3 + 4 * ceil(d_v/128) scale bytes + 2 * (d_qk - d_v) rope bytes)"
+             : " (q's d_qk)",
+      ", got shape ", shape_str(kv_cache.sizes()));
+  d.q_rows = d.s_q * (d.h_q / d.h_kv);
+
+  check_dtype(block_table, op, "block_table", at::kInt);
+  check_dim(block_table, op, "block_table", 2);
+  check_same_device(block_table, q, op, "block_table");
+  DSV3_CHECK(block_table.size(0) == d.b, op, "block_table must have b = ", d.b, " rows, got shape ",
+             shape_str(block_table.sizes()));
+  DSV3_CHECK(block_table.stride(1) == 1 || block_table.size(1) <= 1, op,
+             "block_table must be contiguous in its last dim, got strides ",
+             shape_str(block_table.strides()));
+  d.max_blocks = block_table.size(1);
+  check_dtype(cache_seqlens, op, "cache_seqlens", at::kInt);
+  check_same_device(cache_seqlens, q, op, "cache_seqlens");
+  check_shape(cache_seqlens, op, "cache_seqlens", {d.b}, "[b]");
+
+  const double scale = softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(d.d_qk)));
+  DSV3_CHECK(std::isfinite(scale), op, "softmax_scale must be finite, got ", scale);
+  d.softmax_scale = scale;
+
+  DSV3_CHECK(tile_scheduler_metadata.has_value() == num_splits.has_value(), op,
+             "tile_scheduler_metadata and num_splits must be passed together (both from "
+             "get_mla_decode_metadata) or both be None");
+  d.num_parts = 0;
+  if (tile_scheduler_metadata) {
+    const at::Tensor& m = *tile_scheduler_metadata;
+    const at::Tensor& n = *num_splits;
+    check_dtype(m, op, "tile_scheduler_metadata", at::kInt);
+    check_same_device(m, q, op, "tile_scheduler_metadata");
+    DSV3_CHECK(m.dim() == 2 && m.size(1) == mla::kMetaInts && m.size(0) > 0 && m.is_contiguous(), op,
+               "tile_scheduler_metadata must be a contiguous [num_parts, ", mla::kMetaInts,
+               "] tensor from get_mla_decode_metadata, got shape ", shape_str(m.sizes()));
+    check_dtype(n, op, "num_splits", at::kInt);
+    check_same_device(n, q, op, "num_splits");
+    check_shape(n, op, "num_splits", {d.b + 1}, "[b + 1]");
+    DSV3_CHECK(n.is_contiguous(), op, "num_splits must be contiguous");
+    d.num_parts = m.size(0);
+  }
+  return d;
+}
+
+void check_mla_decode_contents(const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                               const MlaDecodeDims& d) {
+  const char* op = "mla_decode";
+  const auto lens = cache_seqlens.contiguous();
+  const int32_t* len = lens.const_data_ptr<int32_t>();
+  const int32_t* bt = block_table.const_data_ptr<int32_t>();
+  const int64_t bt_stride = block_table.stride(0);
+  for (int64_t i = 0; i < d.b; ++i) {
+    DSV3_CHECK(len[i] >= 0, op, "cache_seqlens must be non-negative, got cache_seqlens[", i, "] = ", len[i]);
+    const int64_t pages = mla::num_blocks_of(len[i]);
+    DSV3_CHECK(pages <= d.max_blocks, op, "cache_seqlens[", i, "] = ", len[i], " needs ", pages,
+               " pages of 64 tokens but block_table has only ", d.max_blocks, " columns");
+    for (int64_t j = 0; j < pages; ++j) {
+      const int32_t page = bt[i * bt_stride + j];
+      DSV3_CHECK(page >= 0 && page < d.num_blocks, op, "block_table[", i, ", ", j, "] = ", page,
+                 " must be a page of kv_cache, i.e. in [0, ", d.num_blocks, ")");
+    }
+  }
+}
+
+void check_mla_schedule_contents(const at::Tensor& tile_scheduler_metadata, const at::Tensor& num_splits,
+                                 const at::Tensor& cache_seqlens, const MlaDecodeDims& d) {
+  const char* op = "mla_decode";
+  const int32_t* ns = num_splits.const_data_ptr<int32_t>();
+  const int32_t* meta = tile_scheduler_metadata.const_data_ptr<int32_t>();
+  const auto lens = cache_seqlens.contiguous();
+  const int32_t* len = lens.const_data_ptr<int32_t>();
+  // Walk the parts in order: together they must cover every block of every request exactly once, in
+  // order, with split indices and split counts matching num_splits.
+  int64_t req = 0, block = 0, split = 0;
+  bool ok = ns[0] == 0;
+  int64_t bad_part = -1;
+  for (int64_t p = 0; ok && p < d.num_parts; ++p) {
+    const mla::PartMeta pm = mla::load_part(meta, p);
+    if (pm.begin_req > pm.end_req) continue;  // an idle part
+    ok = pm.begin_req == req && pm.begin_block == block && pm.begin_split == split && pm.end_req < d.b;
+    for (int64_t r = pm.begin_req; ok && r <= pm.end_req; ++r) {
+      const int32_t blocks = mla::num_blocks_of(len[r]);
+      int32_t first = 0, last = 0;
+      mla::part_block_range(pm, static_cast<int32_t>(r), blocks, &first, &last);
+      ok = first <= last && last <= blocks && (r == pm.end_req || last == blocks);
+      if (ok && last < blocks) {  // the request continues in the next part
+        block = last;
+        ++split;
+        ok = first < last;
+      } else if (ok) {
+        ok = ns[r + 1] - ns[r] == split + 1;
+        req = r + 1;
+        block = 0;
+        split = 0;
+      }
+    }
+    if (!ok) bad_part = p;
+  }
+  ok = ok && req == d.b;
+  DSV3_CHECK(ok, op, "tile_scheduler_metadata and num_splits are not a schedule for these cache_seqlens",
+             bad_part >= 0 ? " (first mismatch at part " + std::to_string(bad_part) + ")" : std::string(),
+             "; pass the output of get_mla_decode_metadata(cache_seqlens, ...) for the same lengths");
+}
+
+std::tuple<at::Tensor, at::Tensor> alloc_mla_decode(const at::Tensor& q, const MlaDecodeDims& d) {
+  return {at::empty({d.b, d.s_q, d.h_q, d.d_v}, q.options()),
+          at::empty({d.b, d.h_q, d.s_q}, q.options().dtype(at::kFloat))};
 }
 
 }  // namespace dsv3

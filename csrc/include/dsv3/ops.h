@@ -28,7 +28,15 @@ namespace dsv3 {
   void fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,                     \
                          const at::Tensor& sb, at::Tensor& out);                                             \
   void k_grouped_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,           \
-                                   const at::Tensor& sb, at::IntArrayRef ks, at::Tensor& out);
+                                   const at::Tensor& sb, at::IntArrayRef ks, at::Tensor& out);               \
+  std::tuple<at::Tensor, at::Tensor> get_mla_decode_metadata(                                                \
+      const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k, int64_t num_heads_k,                 \
+      std::optional<int64_t> num_sm_parts);                                                                  \
+  std::tuple<at::Tensor, at::Tensor> mla_decode(                                                             \
+      const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,                        \
+      const at::Tensor& cache_seqlens, int64_t head_dim_v, std::optional<double> softmax_scale, bool causal, \
+      const std::optional<at::Tensor>& tile_scheduler_metadata,                                              \
+      const std::optional<at::Tensor>& num_splits);
 
 namespace cpu {
 DSV3_DECLARE_OPS

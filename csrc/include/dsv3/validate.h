@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -44,5 +45,36 @@ void check_fp8_gemm_wgrad_nt(const at::Tensor& a, const at::Tensor& sa, const at
                              const at::Tensor& sb, const at::Tensor& out);
 void check_k_grouped_wgrad(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
                            const at::Tensor& sb, at::IntArrayRef ks, const at::Tensor& out);
+
+// MLA decode (SPEC §4). check_mla_decode validates everything that does not need the tensors' contents and
+// returns the problem's dimensions; the *_contents checks read block_table / cache_seqlens / the schedule and
+// so need host-readable (CPU) tensors.
+struct MlaDecodeDims {
+  int64_t b, s_q, h_q, h_kv, d_qk, d_v;
+  int64_t q_rows;      // packed query rows per KV head: s_q * h_q / h_kv
+  int64_t num_blocks;  // pages in the cache
+  int64_t max_blocks;  // columns of block_table
+  int64_t num_parts;   // rows of the schedule (0 when none was passed)
+  bool fp8_kv;         // packed FP8 cache: per token d_v e4m3, ceil(d_v/128) fp32 scales, d_qk - d_v bf16
+  double softmax_scale;
+};
+// Bytes per token and KV head of the packed FP8 cache (656 for d_qk = 576, d_v = 512).
+inline int64_t mla_fp8_token_bytes(int64_t d_qk, int64_t d_v) {
+  return d_v + 4 * ceil_div(d_v, kGemmBlock) + 2 * (d_qk - d_v);
+}
+void check_mla_metadata_args(const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
+                             int64_t num_heads_k, std::optional<int64_t> num_sm_parts);
+std::tuple<at::Tensor, at::Tensor> alloc_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_parts);
+MlaDecodeDims check_mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                               const at::Tensor& cache_seqlens, int64_t head_dim_v,
+                               std::optional<double> softmax_scale,
+                               const std::optional<at::Tensor>& tile_scheduler_metadata,
+                               const std::optional<at::Tensor>& num_splits);
+void check_mla_decode_contents(const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                               const MlaDecodeDims& d);
+void check_mla_schedule_contents(const at::Tensor& tile_scheduler_metadata, const at::Tensor& num_splits,
+                                 const at::Tensor& cache_seqlens, const MlaDecodeDims& d);
+// out [b, s_q, h_q, d_v] in q's dtype, lse fp32 [b, h_q, s_q].
+std::tuple<at::Tensor, at::Tensor> alloc_mla_decode(const at::Tensor& q, const MlaDecodeDims& d);
 
 }  // namespace dsv3

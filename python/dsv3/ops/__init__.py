@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.dsv3)
-from .reference import calc_diff, ceil_div
+from .reference import calc_diff, ceil_div, dequantize_mla_kv_fp8, mla_fp8_token_bytes
 
 __all__ = [
     "calc_diff",
@@ -24,6 +24,12 @@ __all__ = [
     "m_grouped_fp8_gemm_nt_masked",
     "fp8_gemm_wgrad_nt",
     "k_grouped_fp8_gemm_wgrad_nt",
+    "get_mla_decode_metadata",
+    "mla_decode",
+    "quantize_mla_kv_fp8",
+    "dequantize_mla_kv_fp8",
+    "mla_fp8_token_bytes",
+    "store_mla_kv",
 ]
 
 _ops = torch.ops.dsv3
@@ -142,3 +148,89 @@ def k_grouped_fp8_gemm_wgrad_nt(
     out = _out(out, (len(ks), a.shape[0], b.shape[0]), a, torch.float32, zero=True)
     _ops.k_grouped_fp8_gemm_wgrad_nt(a, sa, b, sb, ks, out)
     return out
+
+
+def get_mla_decode_metadata(
+    cache_seqlens: torch.Tensor,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    num_sm_parts: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV schedule for `mla_decode` over requests of lengths `cache_seqlens` (int32 [b]):
+    `(tile_scheduler_metadata int32 [parts, 8], num_splits int32 [b + 1])`, on cache_seqlens' device.
+
+    `num_q_tokens_per_head_k` is s_q * h_q / h_kv (the query rows packed per KV head). Parts default to the
+    device's workers: SMs / (h_kv * ceil(rows / 64)) on a GPU, ATen threads on a CPU; `num_sm_parts` sets
+    them (any value gives the same attention result). Reuse the schedule across layers of one decode step.
+    """
+    return _ops.get_mla_decode_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    tile_scheduler_metadata: torch.Tensor | None = None,
+    num_splits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode attention over a paged latent cache (SPEC §4, FlashMLA semantics).
+
+    q `[b, s_q, h_q, d_qk]`; kv_cache `[pages, 64, h_kv, d_qk]` in q's dtype, or the packed FP8 layout
+    `uint8 [pages, 64, h_kv, mla_fp8_token_bytes(d_qk, head_dim_v)]` (see `quantize_mla_kv_fp8`); V is the
+    first `head_dim_v` columns of K. block_table int32 `[b, max_pages]`, cache_seqlens int32 `[b]`.
+    Returns `(out [b, s_q, h_q, head_dim_v] in q's dtype, lse fp32 [b, h_q, s_q])`, natural-log lse; a
+    query that sees no key gets out 0, lse +inf. The schedule is computed when not given.
+    """
+    return _ops.mla_decode(
+        q,
+        kv_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        softmax_scale,
+        causal,
+        tile_scheduler_metadata,
+        num_splits,
+    )
+
+
+def quantize_mla_kv_fp8(kv: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """Pack latent KV rows `kv [..., d_qk]` into the FP8 cache layout `uint8 [..., mla_fp8_token_bytes]`:
+    the first `head_dim_v` values as e4m3 in 1 x 128 groups with fp32 scales (SPEC §2), the rope rest as
+    bf16. Bit-identical to `dsv3.ops.reference.quantize_mla_kv_fp8`."""
+    if not 0 < head_dim_v <= kv.shape[-1]:
+        raise ValueError(f"quantize_mla_kv_fp8: head_dim_v must be in [1, {kv.shape[-1]}], got {head_dim_v}")
+    q, s = quantize_per_token_group(kv[..., :head_dim_v].contiguous(), 128)
+    rope = kv[..., head_dim_v:].to(torch.bfloat16).contiguous()
+    return torch.cat([q.view(torch.uint8), s.view(torch.uint8), rope.view(torch.uint8)], dim=-1)
+
+
+def store_mla_kv(
+    kv_cache: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, head_dim_v: int | None = None
+) -> None:
+    """Write token rows `kv [n, h_kv, d_qk]` into the paged cache at flat `slots` (int [n], slot = page * 64
+    + offset), quantizing them when the cache is the packed FP8 layout (then `head_dim_v` is required)."""
+    pages, page_size, h_kv = kv_cache.shape[:3]
+    if kv.dim() != 3 or kv.shape[1] != h_kv:
+        raise ValueError(f"store_mla_kv: kv must be [n, h_kv={h_kv}, d_qk], got shape {tuple(kv.shape)}")
+    if slots.shape != (kv.shape[0],):
+        raise ValueError(f"store_mla_kv: slots must have shape [n={kv.shape[0]}], got {tuple(slots.shape)}")
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= pages * page_size):
+        raise ValueError(f"store_mla_kv: slots must be in [0, {pages * page_size}), got {slots.tolist()[:8]}")
+    if kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn):
+        if head_dim_v is None:
+            raise ValueError("store_mla_kv: head_dim_v is required for an FP8 cache")
+        rows = quantize_mla_kv_fp8(kv, head_dim_v).view(kv_cache.dtype)
+    else:
+        rows = kv.to(kv_cache.dtype)
+    if rows.shape[-1] != kv_cache.shape[-1]:
+        raise ValueError(
+            f"store_mla_kv: kv rows have {rows.shape[-1]} values/bytes per head, "
+            f"the cache has {kv_cache.shape[-1]}"
+        )
+    slots = slots.to(device=kv_cache.device, dtype=torch.long)
+    kv_cache.view(pages * page_size, h_kv, -1).index_copy_(0, slots, rows)

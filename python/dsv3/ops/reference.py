@@ -155,6 +155,122 @@ def k_grouped_fp8_gemm_wgrad_nt(a, sa, b, sb, ks, out: torch.Tensor) -> torch.Te
     return out
 
 
+# ---- MLA decode (SPEC §4) -------------------------------------------------------------------------------
+
+PAGE_SIZE = 64
+MLA_FIXED_COST_BLOCKS = 5
+MLA_META_INTS = 8
+
+
+def get_mla_decode_metadata(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV schedule (csrc/include/dsv3/mla_sched.h, mirrored line for line): `num_sm_parts` workers
+    each take a contiguous run of 64-token blocks, in request order, of about equal cost (blocks + 5 per
+    request). Returns `(metadata int32 [parts, 8], num_splits int32 [b + 1])`; metadata row p is
+    `[begin_req, begin_block, end_req (inclusive), end_block (exclusive), begin_split, 0, 0, 0]` and request i
+    owns split slots `num_splits[i] .. num_splits[i + 1] - 1`."""
+    lens = [max(int(x), 0) for x in cache_seqlens.tolist()]
+    blocks = [ceil_div(x, PAGE_SIZE) for x in lens]
+    batch, parts = len(lens), int(num_sm_parts)
+    total = sum(blocks) + MLA_FIXED_COST_BLOCKS * batch
+    payload = ceil_div(total, parts) + MLA_FIXED_COST_BLOCKS
+    meta = [[0] * MLA_META_INTS for _ in range(parts)]
+    num_splits = [0] * (batch + 1)
+    req = block = split = cum = 0
+    for p in range(parts):
+        meta[p][0], meta[p][1], meta[p][4] = req, block, split
+        remain = payload
+        while req < batch:
+            left = blocks[req] - block
+            if remain >= left + MLA_FIXED_COST_BLOCKS or p == parts - 1:
+                cum += split + 1
+                num_splits[req + 1] = cum
+                remain -= left + MLA_FIXED_COST_BLOCKS
+                req, block, split = req + 1, 0, 0
+            else:
+                if remain - MLA_FIXED_COST_BLOCKS > 0:
+                    block += remain - MLA_FIXED_COST_BLOCKS
+                    split += 1
+                break
+        if block > 0:
+            meta[p][2], meta[p][3] = req, block
+        else:
+            meta[p][2], meta[p][3] = req - 1, (blocks[req - 1] if req > 0 else 0)
+    dev = cache_seqlens.device
+    return (
+        torch.tensor(meta, dtype=torch.int32, device=dev),
+        torch.tensor(num_splits, dtype=torch.int32, device=dev),
+    )
+
+
+def mla_fp8_token_bytes(d_qk: int, d_v: int) -> int:
+    """Bytes per token and KV head of the packed FP8 cache: d_v e4m3, ceil(d_v/128) fp32 scales, the
+    d_qk - d_v rope values in bf16 (656 for V3's 576/512)."""
+    return d_v + 4 * ceil_div(d_v, BLOCK) + 2 * (d_qk - d_v)
+
+
+def quantize_mla_kv_fp8(kv: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """Pack `kv [..., d_qk]` into the FP8 cache layout `uint8 [..., mla_fp8_token_bytes(d_qk, d_v)]`: the
+    first `head_dim_v` values per token quantized in 1 x 128 groups (SPEC §2 scales), the rest kept as
+    bf16."""
+    d_v = head_dim_v
+    q, s = quantize_per_token_group(kv[..., :d_v], BLOCK)
+    rope = kv[..., d_v:].to(torch.bfloat16).contiguous()
+    parts = [q.view(torch.uint8), s.contiguous().view(torch.uint8), rope.view(torch.uint8)]
+    return torch.cat(parts, dim=-1)
+
+
+def dequantize_mla_kv_fp8(packed: torch.Tensor, d_qk: int, head_dim_v: int) -> torch.Tensor:
+    """Unpack the FP8 cache layout to fp32 `[..., d_qk]`: e4m3 · scale for the first d_v values (exact in
+    fp32), then the bf16 rope values."""
+    d_v, groups = head_dim_v, ceil_div(head_dim_v, BLOCK)
+    packed = packed.view(torch.uint8)
+    q = packed[..., :d_v].contiguous().view(FP8)
+    s = packed[..., d_v : d_v + 4 * groups].contiguous().view(torch.float32)
+    rope = packed[..., d_v + 4 * groups :].contiguous().view(torch.bfloat16)
+    nope = q.float() * s.repeat_interleave(BLOCK, dim=-1)[..., :d_v]
+    return torch.cat([nope, rope.float()], dim=-1)
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `q [b, s_q, h_q, d_qk]` over the paged cache `kv_cache [pages, 64, h_kv, d_qk]` (or the
+    packed FP8 layout), V = the first `head_dim_v` columns of K, in fp32. Returns `out [b, s_q, h_q, d_v]` in
+    q's dtype and `lse fp32 [b, h_q, s_q]` (natural log). With `causal` and s_q > 1, query token i sees keys
+    `0 .. s_k - s_q + i`; a query that sees no key gets out = 0 and lse = +inf."""
+    b, s_q, h_q, d_qk = q.shape
+    h_kv = kv_cache.shape[2]
+    if kv_cache.dtype in (torch.uint8, FP8):
+        kv_cache = dequantize_mla_kv_fp8(kv_cache, d_qk, head_dim_v)
+    scale = d_qk**-0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h_q, s_q), float("inf"), dtype=torch.float32, device=q.device)
+    for i in range(b):
+        s_k = int(cache_seqlens[i])
+        pages = block_table[i, : ceil_div(s_k, PAGE_SIZE)].long()
+        k = kv_cache[pages].flatten(0, 1)[:s_k].float()  # [s_k, h_kv, d_qk]
+        k = k.repeat_interleave(h_q // h_kv, dim=1).transpose(0, 1)  # [h_q, s_k, d_qk]
+        scores = q[i].float().transpose(0, 1) @ k.transpose(1, 2) * scale  # [h_q, s_q, s_k]
+        if causal and s_q > 1:
+            visible = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # -inf for a query with no key, NaN for a NaN query
+        seen = ~torch.isneginf(row_lse)
+        p = torch.exp(scores - torch.where(seen, row_lse, 0.0).unsqueeze(-1))  # rows without keys: all 0
+        o = p @ k[..., :head_dim_v]  # [h_q, s_q, d_v]
+        out[i] = o.transpose(0, 1)
+        lse[i] = torch.where(seen, row_lse, float("inf"))
+    return out.to(q.dtype), lse
+
+
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's similarity metric: 1 - 2 sum(xy) / sum(x^2 + y^2), in float64 (0 = identical)."""
     x, y = x.double(), y.double()
