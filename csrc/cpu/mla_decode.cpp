@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
           float mx = -INFINITY;
           for (int64_t i = 0; i < n; ++i) {
             const float li = lse_acc_p[((ns[req] + i) * d.h_kv + hk) * rows + r];
-            mx = li > mx ? li : mx;
+            mx = (li > mx || li != li) ? li : mx;  // a NaN partial makes the row NaN
           }
           const int64_t token = r / p.group, head = hk * p.group + r % p.group;
           float* lse_out = lse_p + (req * d.h_q + head) * d.s_q + token;

@@ -132,19 +132,43 @@ struct Avx512Isa {
       _mm512_mask_storeu_ps(dst + i, m, _mm512_mul_ps(x, s));
     }
   }
+  // One packed FP8 token -> fp32, bit-identical to the scalar conversion: each e4m3 byte becomes the fp16
+  // word with its sign at bit 15 and its 7 magnitude bits at 7..13, which is the e4m3 value times 2^-8
+  // exactly (subnormals included); vcvtph2ps widens it, × 256 (exact) restores the value and × the group's
+  // scale rounds once, as the scalar code does. NaN codes (0x7F/0xFF) are patched to NaN.
+  static void fp8_token(const uint8_t* tok, int64_t d_qk, int64_t d_v, float* dst) {
+    const uint8_t* scales = tok + d_v;
+    const uint16_t* rope = reinterpret_cast<const uint16_t*>(scales + 4 * ((d_v + 127) / 128));
+    const __m256i sign = _mm256_set1_epi16(0x80), mag = _mm256_set1_epi16(0x7F);
+    for (int64_t i = 0; i < d_v; i += 16) {
+      const __mmask16 m = tail_mask(d_v - i);
+      float s;
+      memcpy(&s, scales + 4 * (i / 128), 4);
+      const __m128i b = _mm_maskz_loadu_epi8(m, tok + i);
+      const __m256i w = _mm256_cvtepu8_epi16(b);
+      const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, sign), 8),
+                                        _mm256_slli_epi16(_mm256_and_si256(w, mag), 7));
+      __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f)), _mm512_set1_ps(s));
+      const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7F)), _mm_set1_epi8(0x7F));
+      x = _mm512_mask_mov_ps(x, nan, _mm512_set1_ps(NAN));
+      _mm512_mask_storeu_ps(dst + i, m, x);
+    }
+    to_float(MlaType::kBF16, rope, 0, d_qk - d_v, 1.f, dst + d_v);
+  }
   static void fill(float* dst, int64_t n, float v) {
     for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(dst + i, tail_mask(n - i), _mm512_set1_ps(v));
   }
   // Key blocks outer, row blocks inner: a block of 4 converted K rows (9 KB at d_qk = 576) stays in L1 while
   // every row of the tile uses it.
   static void qk(const float* q, int64_t ldq, int64_t rows, const float* k, int64_t ldk, int64_t keys,
-                 int64_t d, float* s, int64_t lds) {
+                 int64_t d, float* s, int64_t lds, MlaPrefetch& pf) {
     const int64_t chunks = (d + 15) / 16;  // rows are zero-padded to whole chunks
     for (int64_t n = 0; n < keys; n += 4) {
       const int64_t nr = mla_min(4, keys - n);
       for (int64_t r = 0; r < rows; r += 4) {
         kQk[mla_min(4, rows - r) - 1][nr - 1](q + r * ldq, ldq, k + n * ldk, ldk, chunks, s + r * lds + n,
                                               lds);
+        pf.step();
       }
     }
   }
@@ -182,7 +206,7 @@ struct Avx512Isa {
   // L1 for every row. Rows of a 4-row block share the keys they all see; the keys only some rows see (causal)
   // go row by row.
   static void pv(const float* p, int64_t ldp, int64_t rows, const int64_t* nv, const float* v, int64_t ldv,
-                 int64_t d_v, float* o, int64_t ldo) {
+                 int64_t d_v, float* o, int64_t ldo, MlaPrefetch& pf) {
     const int64_t zmms = (d_v + 15) / 16;  // O and V rows are padded to whole zmm
     for (int64_t z = 0; z < zmms; z += 4) {
       const PvBlockFn* one = kPvRow<1>;
@@ -193,6 +217,7 @@ struct Avx512Isa {
         int64_t common = nv[r];
         for (int i = 1; i < 4; ++i) common = mla_min(common, nv[r + i]);
         if (common > 0) kPvRow<4>[nz](p + r* ldp, ldp, 0, common, vz, ldv, o + r* ldo + 16 * z, ldo);
+        pf.step();
         for (int i = 0; i < 4; ++i) {
           if (nv[r + i] > common)
             one[nz](p + (r + i) * ldp, ldp, common, nv[r + i], vz, ldv, o + (r + i) * ldo + 16 * z, ldo);
@@ -200,6 +225,7 @@ struct Avx512Isa {
       }
       for (; r < rows; ++r) {
         if (nv[r] > 0) one[nz](p + r * ldp, ldp, 0, nv[r], vz, ldv, o + r * ldo + 16 * z, ldo);
+        pf.step();
       }
     }
   }

@@ -25,17 +25,21 @@ struct PortableIsa {
       }
     }
   }
+  static void fp8_token(const uint8_t* tok, int64_t d_qk, int64_t d_v, float* dst) {
+    mla_fp8_token_scalar(tok, d_qk, d_v, dst);
+  }
   static void fill(float* dst, int64_t n, float v) {
     for (int64_t i = 0; i < n; ++i) dst[i] = v;
   }
   static void qk(const float* q, int64_t ldq, int64_t rows, const float* k, int64_t ldk, int64_t keys,
-                 int64_t d, float* s, int64_t lds) {
+                 int64_t d, float* s, int64_t lds, MlaPrefetch& pf) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t n = 0; n < keys; ++n) {
         float acc = 0.f;
         for (int64_t i = 0; i < d; ++i) acc += q[r * ldq + i] * k[n * ldk + i];
         s[r * lds + n] = acc;
       }
+      pf.step();
     }
   }
   static float row_max(const float* x, int64_t n) {
@@ -61,7 +65,7 @@ struct PortableIsa {
     for (int64_t i = 0; i < n; ++i) dst[i] = x[i] * a;
   }
   static void pv(const float* p, int64_t ldp, int64_t rows, const int64_t* nv, const float* v, int64_t ldv,
-                 int64_t d_v, float* o, int64_t ldo) {
+                 int64_t d_v, float* o, int64_t ldo, MlaPrefetch& pf) {
     for (int64_t r = 0; r < rows; ++r) {
       float* orow = o + r * ldo;
       for (int64_t n = 0; n < nv[r]; ++n) {
@@ -69,6 +73,7 @@ struct PortableIsa {
         const float* vrow = v + n * ldv;
         for (int64_t c = 0; c < d_v; ++c) orow[c] += w * vrow[c];
       }
+      pf.step();
     }
   }
 };

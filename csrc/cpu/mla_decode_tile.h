@@ -67,6 +67,24 @@ inline void mla_fp8_token_scalar(const uint8_t* tok, int64_t d_qk, int64_t d_v, 
   }
 }
 
+// A queue of cache lines to prefetch into L2: rows of `bytes` bytes, `stride` apart; step() issues the
+// next `per_call` lines.
+struct MlaPrefetch {
+  const char* row = nullptr;
+  int64_t stride = 0, bytes = 0, rows = 0, off = 0, per_call = 0;
+  void step() {
+    for (int64_t i = 0; i < per_call && rows > 0; ++i) {
+      __builtin_prefetch(row + off, 0, 2);
+      off += 64;
+      if (off >= bytes) {
+        off = 0;
+        row += stride;
+        --rows;
+      }
+    }
+  }
+};
+
 // The fp32 math of a tile: Q rows (pre-scaled) and each page's K rows converted to fp32, Q·Kᵀ and P·V as
 // fp32 products (Isa::qk / Isa::pv). Serves every dtype;
 // Scratch (floats, 64-byte aligned arrays): Q [64][ldk], K [64][ldk]; the tile owns P [64][64], O [64][ldo].
@@ -75,6 +93,7 @@ struct MlaF32Math {
   const MlaProblem& pr;
   int64_t hk, ldk;
   float *q, *k;
+  MlaPrefetch pf;
 
   static int64_t scratch_floats(int64_t d_qk) { return 2 * 64 * mla_round_up(d_qk, 16); }
   MlaF32Math(const MlaProblem& p, int64_t head, float* scratch)
@@ -88,30 +107,34 @@ struct MlaF32Math {
     for (int64_t n = 0; n < valid; ++n) {
       const int64_t off = page * pr.kv_sp + n * pr.kv_st + hk * pr.kv_sh;
       if (pr.kv_type == MlaType::kFp8Packed) {
-        mla_fp8_token_scalar(static_cast<const uint8_t*>(pr.kv) + off, pr.d_qk, pr.d_v, k + n * ldk);
+        Isa::fp8_token(static_cast<const uint8_t*>(pr.kv) + off, pr.d_qk, pr.d_v, k + n * ldk);
       } else {
         Isa::to_float(pr.kv_type, pr.kv, off, pr.d_qk, 1.0f, k + n * ldk);
       }
       Isa::fill(k + n * ldk + pr.d_qk, ldk - pr.d_qk, 0.f);
     }
   }
-  // Starts the next page's rows on their way to L2 while this page is computed (pages are scattered, so the
-  // hardware prefetchers would start cold at each one).
-  void prefetch_page(int64_t page, int64_t n_valid) const {
+  // Queues the next page's rows for prefetching into L2; qk and pv issue the prefetches a few lines at a time
+  // between their register blocks, so the loads overlap compute (pages are scattered, so the hardware
+  // prefetchers would start cold at each; a burst of ~1000 prefetches would stall on the fill buffers).
+  void prefetch_page(int64_t page, int64_t n_valid, int64_t rows) {
     const int64_t elem = pr.kv_type == MlaType::kF32 ? 4 : pr.kv_type == MlaType::kFp8Packed ? 1 : 2;
-    const int64_t row_bytes = pr.kv_type == MlaType::kFp8Packed
-                                  ? pr.d_v + 4 * ((pr.d_v + 127) / 128) + 2 * (pr.d_qk - pr.d_v)
-                                  : pr.d_qk * elem;
-    const char* base = static_cast<const char*>(pr.kv) + (page * pr.kv_sp + hk * pr.kv_sh) * elem;
-    for (int64_t n = 0; n < n_valid; ++n) {
-      const char* row = base + n * pr.kv_st * elem;
-      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-    }
+    pf.bytes = pr.kv_type == MlaType::kFp8Packed
+                   ? pr.d_v + 4 * ((pr.d_v + 127) / 128) + 2 * (pr.d_qk - pr.d_v)
+                   : pr.d_qk * elem;
+    pf.row = static_cast<const char*>(pr.kv) + (page * pr.kv_sp + hk * pr.kv_sh) * elem;
+    pf.stride = pr.kv_st * elem;
+    pf.rows = n_valid;
+    pf.off = 0;
+    const int64_t lines = n_valid * ((pf.bytes + 63) / 64);
+    const int64_t calls = ((rows + 3) / 4) * (16 + (pr.d_v + 63) / 64);  // block calls of qk and pv
+    pf.per_call = (lines + calls - 1) / calls;
   }
   // Scores in the log2 domain (Q carries softmax_scale · log2 e).
-  void qk(int64_t rows, int64_t valid, float* s) { Isa::qk(q, ldk, rows, k, ldk, valid, pr.d_qk, s, 64); }
+  void qk(int64_t rows, int64_t valid, float* s) { Isa::qk(q, ldk, rows, k, ldk, valid, pr.d_qk, s, 64, pf); }
   void pv(const float* p, int64_t rows, const int64_t* nv, float* o, int64_t ldo) {
-    Isa::pv(p, 64, rows, nv, k, ldk, pr.d_v, o, ldo);
+    Isa::pv(p, 64, rows, nv, k, ldk, pr.d_v, o, ldo, pf);
+    pf.rows = 0;  // whatever is left is loaded by the next page's conversion anyway
   }
 };
 
@@ -145,8 +168,8 @@ void mla_attend_tile(const MlaProblem& pr, int64_t req, int64_t hk, int64_t row0
     const int64_t n0 = blk * kMlaPage, valid = mla_min(kMlaPage, s_k - n0);
     if (valid <= 0) break;
     if (blk + 1 < last_block && s_k > n0 + kMlaPage) {
-      math.prefetch_page(pr.block_table[req * pr.bt_stride + blk + 1],
-                         mla_min(kMlaPage, s_k - n0 - kMlaPage));
+      math.prefetch_page(pr.block_table[req * pr.bt_stride + blk + 1], mla_min(kMlaPage, s_k - n0 - kMlaPage),
+                         rows);
     }
     math.load_page(pr.block_table[req * pr.bt_stride + blk], valid);
     math.qk(rows, valid, sp);
