@@ -1,8 +1,10 @@
 """Times dsv3's CUDA FP8 quantization kernels at DeepSeek-V3 shapes and reports the memory bandwidth they
 reach, beside a device-to-device copy (the ceiling) and the plain-PyTorch reference on the same GPU; with
---gemm, times the sm_90a FP8 GEMMs at the V3 shapes (TFLOPS, GB/s), beside DeepGEMM when it is importable.
+--gemm, times the sm_90a FP8 GEMMs at the V3 shapes (TFLOPS, GB/s), beside DeepGEMM when it is importable;
+with --mla, times MLA decode (b = 128, h_q = 128, h_kv = 1, causal, bf16 and FP8 caches) beside FlashMLA when
+it is importable, with FlashMLA's GB/s and TFLOPS formulas.
 
-    python benchmarks/gpu_bench.py [--iters 30] [--gemm] [--json FILE]
+    python benchmarks/gpu_bench.py [--iters 30] [--gemm | --mla] [--json FILE]
 
 Each time is the median of `iters` CUDA-event measurements after warm-up, with a 256 MB buffer written
 before every run so each starts with a cold L2 (H200: 60 MB). Bytes counted: input read + fp8 output + scales
@@ -113,18 +115,82 @@ def gemm_rows(flush: torch.Tensor, iters: int) -> list[dict]:
     return rows
 
 
+def flash_mla_decode() -> Callable | None:
+    """FlashMLA's original API (get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv), flash_mla_with_kvcache)
+    when importable, as fn(q, cache, block_table, seqlens, causal) -> out; else None."""
+    try:
+        from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+    except ImportError:
+        return None
+
+    def run(q, cache, block_table, seqlens, causal):
+        meta, splits = get_mla_metadata(seqlens, q.shape[1] * q.shape[2] // cache.shape[2], cache.shape[2])
+        return lambda: flash_mla_with_kvcache(
+            q, cache, block_table, seqlens, 512, meta, splits, causal=causal
+        )
+
+    return run
+
+
+def mla_rows(flush: torch.Tensor, iters: int) -> list[dict]:
+    """mla_decode at FlashMLA's benchmark shapes (b = 128, h_q = 128, h_kv = 1, s_q in {1, 2}, causal, every
+    request s_k long): median time with the schedule computed once (as across layers), GB/s = (cache + q +
+    out bytes) / time and TFLOPS = s_q * total_seqlens * h_q * (576 + 512) * 2 / time (FlashMLA's formulas,
+    656 cache bytes per token for the FP8 cache), and FlashMLA's time on the bf16 cache when available."""
+    b, h_q, h_kv, d, dv = 128, 128, 1, 576, 512
+    rows, flash_mla = [], flash_mla_decode()
+    print(f"{'kv':>5} {'s_q':>3} {'s_k':>6} {'us':>9} {'GB/s':>6} {'TFLOPS':>7} {'FlashMLA us':>12} ratio")
+    for s_k in (4096, 8192, 16384, 32768):
+        pages = s_k // 64
+        cache = (torch.randn(b * pages, 64, h_kv, d, device="cuda") / 10).to(torch.bfloat16)
+        block_table = torch.randperm(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
+        seqlens = torch.full((b,), s_k, dtype=torch.int32, device="cuda")
+        for kv in ("bf16", "fp8"):
+            kv_cache = cache if kv == "bf16" else ops.quantize_mla_kv_fp8(cache, dv)
+            for s_q in (1, 2):
+                q = (torch.randn(b, s_q, h_q, d, device="cuda") / 10).to(torch.bfloat16)
+                meta, splits = ops.get_mla_decode_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+                run = partial(ops.mla_decode, q, kv_cache, block_table, seqlens, dv, None, True, meta, splits)
+                us = time_us(run, flush, iters)
+                token_bytes = d * 2 if kv == "bf16" else kv_cache.shape[-1]
+                moved = b * s_k * h_kv * token_bytes + (b * s_q * h_q * d + b * s_q * h_q * dv) * 2
+                flops = s_q * b * s_k * h_q * (d + dv) * 2
+                row = {"kv": kv, "b": b, "s_q": s_q, "s_k": s_k, "h_q": h_q, "us": us,
+                       "gbs": moved / us / 1e3, "tflops": flops / us / 1e6}  # fmt: skip
+                if flash_mla is not None and kv == "bf16":
+                    try:
+                        row["flash_mla_us"] = time_us(
+                            flash_mla(q, cache, block_table, seqlens, True), flush, iters
+                        )
+                        row["ratio"] = row["flash_mla_us"] / us  # > 1: dsv3 is faster
+                    except (TypeError, RuntimeError) as err:  # another FlashMLA API generation
+                        print(f"FlashMLA skipped: {err}")
+                        flash_mla = None
+                rows.append(row)
+                fm = (
+                    f"{row['flash_mla_us']:>12.1f} {row['ratio']:>5.2f}x"
+                    if "ratio" in row
+                    else f"{'-':>12} {'-':>6}"
+                )
+                print(f"{kv:>5} {s_q:>3} {s_k:>6} {us:>9.1f} {row['gbs']:>6.0f} {row['tflops']:>7.0f} {fm}")
+        del cache, kv_cache
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--json", type=Path, metavar="FILE")
-    parser.add_argument("--gemm", action="store_true", help="time the FP8 GEMMs instead of the quantization")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--gemm", action="store_true", help="time the FP8 GEMMs instead of the quantization")
+    mode.add_argument("--mla", action="store_true", help="time MLA decode instead of the quantization")
     args = parser.parse_args()
     torch.manual_seed(0)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     copy_gbs = copy_bandwidth_gbs(flush, args.iters)
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + write)")
-    if args.gemm:
-        rows = gemm_rows(flush, max(20, args.iters))
+    if args.gemm or args.mla:
+        rows = gemm_rows(flush, max(20, args.iters)) if args.gemm else mla_rows(flush, args.iters)
         if args.json:
             args.json.write_text(
                 json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2) + "\n"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent Hopper GPU (under 8 minutes on one H200): environment, build with the CUDA
-# kernels, SASS audit, GPU tests (quantization and FP8 GEMM, the latter on the WGMMA kernels and on the
-# DSV3_GEMM_FALLBACK=1 path; the quantization and FP8 GEMM tests once more under compute-sanitizer memcheck),
-# timings (quantization, then the FP8 GEMM at the V3 shapes beside DeepGEMM when importable).
+# kernels, SASS audit, GPU tests (quantization, FP8 GEMM and MLA decode, the latter two on the WGMMA kernels and
+# on their ATen fallbacks; the quantization and FP8 GEMM tests once more under compute-sanitizer memcheck),
+# timings (quantization, the FP8 GEMM at the V3 shapes beside DeepGEMM and MLA decode beside FlashMLA when
+# importable).
 #   benchmarks/gpu_check.sh        logs and results go to $OUT when set, else build/gpu_check/
 # Every step is timed and bounded, and all of them together by GPU_CHECK_BUDGET_S (default 470 s); a failed step
 # is recorded and the rest still run (a failed build stops). Exit status: 0 when every step passed.
@@ -99,7 +100,7 @@ export -f environment build memcheck_quant_tests memcheck_gemm_tests
 step environment 30 environment || true
 step build 240 build || finish
 step sass_audit 45 "$py" tools/sass_audit.py --json "$results/sass_audit.json" || true
-step pytest_cuda 180 "$py" -m pytest -q -p no:cacheprovider tests/cuda tests/test_sass_audit.py || true
+step pytest_cuda 220 "$py" -m pytest -q -p no:cacheprovider tests/cuda tests/test_sass_audit.py || true
 if command -v compute-sanitizer >/dev/null; then
   step memcheck_quant 60 memcheck_quant_tests || true
   step memcheck_gemm 75 memcheck_gemm_tests || true
@@ -108,6 +109,7 @@ else
 fi
 step bench_quant 60 "$py" benchmarks/gpu_bench.py --json "$results/gpu_bench.json" || true
 step bench_gemm_v3 90 "$py" benchmarks/gpu_bench.py --gemm --iters 20 --json "$results/gpu_bench_gemm.json" || true
+step bench_mla 50 "$py" benchmarks/gpu_bench.py --mla --iters 10 --json "$results/gpu_bench_mla.json" || true
 if has_bench_main; then
   step bench_gemm 60 "$py" -m dsv3.bench gemm --device cuda || true
 else

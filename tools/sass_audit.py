@@ -44,6 +44,14 @@ TMA_STORE, TMA_MULTICAST, CLUSTER_BARRIER = r"^UTMASTG\.3D", r"^UTMALDG\.3D\.MUL
 # Registers ptxas reports (nvcc 13.0, -O3): 168 for every block_m = 128 kernel (384 threads: the 65536 / 384
 # cap, no spills, with 2 x block_n / 2 fp32 accumulators), 232 (setmaxnreg's math budget) for block_m = 64.
 GEMM_TWO_MATH_WG_MAX_REGISTERS, GEMM_ONE_MATH_WG_MAX_REGISTERS = 168, 232
+# sm_90a MLA decode (csrc/cuda/mla_decode.cu): bf16/fp16 WGMMA (HGMMA; nvcc 13.0 spells the fp16 form with
+# no type suffix, the bf16 one with .BF16), Q.K^T on 64x32 tiles and P.V on 64x256 with V read transposed
+# (tnspB); the FP8-KV kernel also unpacks e4m3 to f16 before the bf16 rounding. __launch_bounds__(256, 1):
+# 255 registers at most (ptxas uses 230..238, no spills).
+HGMMA_QK = r"^HGMMA\.64x32x16\.F32(\.BF16)? "
+HGMMA_PV = r"^HGMMA\.64x256x16\.F32(\.BF16)? .*tnspB"
+HGMMA_BF16 = r"^HGMMA\.64x\d+x16\.F32\.BF16 "
+MLA_DECODE_MAX_REGISTERS = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +116,28 @@ RULES: list[Rule] = [
         require=(FP8_WGMMA, TMA_LOAD, SETMAXNREG, TMA_STORE, TMA_MULTICAST, CLUSTER_BARRIER),
         max_registers=GEMM_ONE_MATH_WG_MAX_REGISTERS,
     ),
+    Rule(
+        "mla decode, FP8 KV cache: e4m3 pages dequantized to bf16 in shared memory, bf16 WGMMA",
+        r"::mla_decode_kernel<__nv_bfloat16, true>",
+        require=(HGMMA_QK, HGMMA_PV, HGMMA_BF16, E4M3_UNPACK, CTA_BARRIER),
+        max_registers=MLA_DECODE_MAX_REGISTERS,
+    ),
+    Rule(
+        "mla decode, bf16 KV cache: bf16 WGMMA, no fp8 conversion",
+        r"::mla_decode_kernel<__nv_bfloat16, false>",
+        require=(HGMMA_QK, HGMMA_PV, HGMMA_BF16, CTA_BARRIER),
+        forbid=(*LOCAL_MEMORY, E4M3_UNPACK),
+        max_registers=MLA_DECODE_MAX_REGISTERS,
+    ),
+    Rule(
+        "mla decode, fp16 KV cache: fp16 WGMMA (no bf16 variant)",
+        r"::mla_decode_kernel<__half, false>",
+        require=(HGMMA_QK, HGMMA_PV, CTA_BARRIER),
+        forbid=(*LOCAL_MEMORY, HGMMA_BF16, E4M3_UNPACK),
+        max_registers=MLA_DECODE_MAX_REGISTERS,
+    ),
+    Rule("mla decode: combine of split partials", r"::mla_combine_kernel<(__nv_bfloat16|__half)>"),
+    Rule("mla decode: split-KV schedule (one thread)", r"::mla_metadata_kernel$"),
 ]
 
 # ---- locating the tools and the library
