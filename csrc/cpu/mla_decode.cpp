@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   const int64_t token_stride = d.h_q * d_v;  // out [b, s_q, h_q, d_v]
 
   at::parallel_for(0, d.num_parts * per_part, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch, final_rows;
+    // Per-thread buffers kept across calls (ATen's threads persist): no allocation or page faults per call.
+    thread_local Scratch scratch, final_rows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t part = item / per_part, hk = (item % per_part) / tiles, tile = item % tiles;
       const int64_t r0 = tile * kMlaTileRows, r1 = std::min(rows, r0 + kMlaTileRows);
