@@ -31,3 +31,30 @@ def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, rtol: float, elem_rtol:
         f"max error {float(err.max()):.3e} ({relative:.3e} of max|ref|); worst element: "
         f"{float(x[worst])} vs {float(ref[worst])}, allowed {float(bound[worst]):.3e}"
     )
+
+
+def assert_mla_close(
+    x: torch.Tensor, ref: torch.Tensor, abs_tol: float, rel_tol: float, cos_tol: float | None = None
+) -> None:
+    """FlashMLA's acceptance test (SPEC §4): ±inf and NaN exactly where the reference has them; every finite
+    element within `abs_tol` absolute or `rel_tol` relative error; and the cosine diff
+    1 - 2Σxy / Σ(x² + y²) over the finite elements (float64) at most `cos_tol`."""
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    x, ref = x.double(), ref.double()
+    for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        mismatch = test(x) != test(ref)
+        assert not mismatch.any(), f"{kind} positions differ at {mismatch.nonzero()[:8].tolist()}"
+    finite = torch.isfinite(ref)
+    x, ref = x[finite], ref[finite]
+    err = (x - ref).abs()
+    bad = (err >= abs_tol) & (err >= rel_tol * ref.abs())
+    if bad.any():
+        worst = int(torch.where(bad, err, 0.0).argmax())
+        raise AssertionError(
+            f"{int(bad.sum())} of {ref.numel()} elements off by more than abs {abs_tol:.3g} and rel "
+            f"{rel_tol:.3g}; worst: {float(x[worst])} vs {float(ref[worst])}"
+        )
+    if cos_tol is not None and ref.numel():
+        denom = (x * x + ref * ref).sum()
+        cos_diff = float(1 - 2 * (x * ref).sum() / denom) if denom > 0 else 0.0
+        assert cos_diff <= cos_tol, f"cosine diff {cos_diff:.3e} > {cos_tol:.3e}"

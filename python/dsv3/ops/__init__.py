@@ -233,4 +233,6 @@ def store_mla_kv(
             f"the cache has {kv_cache.shape[-1]}"
         )
     slots = slots.to(device=kv_cache.device, dtype=torch.long)
+    if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: copy the bytes
+        kv_cache, rows = kv_cache.view(torch.uint8), rows.view(torch.uint8)
     kv_cache.view(pages * page_size, h_kv, -1).index_copy_(0, slots, rows)
