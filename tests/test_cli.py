@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import dsv3
+from dsv3 import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +60,5 @@ def test_readme_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["y"].shape == (4, 32, 1024)
     assert scope["dw_e"].shape == (3, 2112, 7168)
+    assert scope["o"].shape == (2, 1, 16, 512) and scope["lse"].shape == (2, 16, 1)
+    assert ops.calc_diff(scope["o8"], scope["o"]) < 1e-3

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         fn=_info
     )
     bench = sub.add_parser(
-        "bench", help="microbenchmarks: dsv3 bench {gemm,grouped,quant} [--help]", add_help=False
+        "bench", help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla} [--help]", add_help=False
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)

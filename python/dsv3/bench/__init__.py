@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = {"gemm": "dsv3.bench.gemm", "grouped": "dsv3.bench.grouped", "quant": "dsv3.bench.quant"}
+FAMILIES = {
+    "gemm": "dsv3.bench.gemm",
+    "grouped": "dsv3.bench.grouped",
+    "quant": "dsv3.bench.quant",
+    "mla": "dsv3.bench.mla",
+}
 
 
 def run(argv: list[str]) -> int:
