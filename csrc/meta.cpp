@@ -84,4 +84,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode(const at::Tensor& q, const at::Ten
   return alloc_mla_decode(q, d);
 }
 
+std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
+                                             int64_t top_k, int64_t n_group, int64_t topk_group,
+                                             double routed_scaling_factor, bool norm_topk_prob) {
+  check_moe_route(logits, bias, top_k, n_group, topk_group, routed_scaling_factor);
+  return alloc_moe_route(logits, top_k);
+}
+
 }  // namespace dsv3::meta

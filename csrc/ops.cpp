@@ -38,6 +38,11 @@ TORCH_LIBRARY(dsv3, m) {
       "float? softmax_scale=None, bool causal=False, Tensor? tile_scheduler_metadata=None, "
       "Tensor? num_splits=None) -> (Tensor, Tensor)");
 
+  // MoE router (SPEC §5): sigmoid scores, group-limited top-k selection, normalized weights.
+  m.def(
+      "moe_route(Tensor logits, Tensor? bias, int top_k, int n_group=1, int topk_group=1, "
+      "float routed_scaling_factor=1.0, bool norm_topk_prob=True) -> (Tensor, Tensor)");
+
   m.def("build_info() -> str", &dsv3::build_info);
   // The sm_90a FP8 GEMM plan (config, TMA parameters, tile order) as JSON: host logic, testable without a
   // GPU.
@@ -58,7 +63,8 @@ TORCH_LIBRARY(dsv3, m) {
   m.impl("fp8_gemm_wgrad_nt", &dsv3::ns::fp8_gemm_wgrad_nt);                               \
   m.impl("k_grouped_fp8_gemm_wgrad_nt", &dsv3::ns::k_grouped_fp8_gemm_wgrad_nt);           \
   m.impl("get_mla_decode_metadata", &dsv3::ns::get_mla_decode_metadata);                   \
-  m.impl("mla_decode", &dsv3::ns::mla_decode);
+  m.impl("mla_decode", &dsv3::ns::mla_decode);                                             \
+  m.impl("moe_route", &dsv3::ns::moe_route);
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m){DSV3_REGISTER_OPS(cpu)} TORCH_LIBRARY_IMPL(dsv3, Meta,
                                                                             m){DSV3_REGISTER_OPS(meta)}

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "dsv3/checks.h"
 #include "dsv3/mla_sched.h"
 
@@ -432,6 +434,38 @@ void check_mla_schedule_contents(const at::Tensor& tile_scheduler_metadata, cons
 std::tuple<at::Tensor, at::Tensor> alloc_mla_decode(const at::Tensor& q, const MlaDecodeDims& d) {
   return {at::empty({d.b, d.s_q, d.h_q, d.d_v}, q.options()),
           at::empty({d.b, d.h_q, d.s_q}, q.options().dtype(at::kFloat))};
+}
+
+void check_moe_route(const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t top_k,
+                     int64_t n_group, int64_t topk_group, double routed_scaling_factor) {
+  const char* op = "moe_route";
+  check_dtype(logits, op, "logits", at::kFloat);
+  check_dim(logits, op, "logits", 2);
+  const int64_t experts = logits.size(1);
+  DSV3_CHECK(experts <= kMaxRouteExperts, op, "logits must have at most ", kMaxRouteExperts,
+             " experts (columns), got shape ", shape_str(logits.sizes()));
+  if (bias.has_value() && bias->defined()) {
+    check_dtype(*bias, op, "bias", at::kFloat);
+    DSV3_CHECK(bias->device() == logits.device(), op, "bias must be on ", logits.device(),
+               " like logits, got ", bias->device());
+    check_shape(*bias, op, "bias", {experts}, "[E]");
+  }
+  DSV3_CHECK(top_k >= 1 && top_k <= experts, op, "top_k must be in [1, E = ", experts, "], got ", top_k);
+  DSV3_CHECK(n_group >= 1 && experts % n_group == 0, op, "n_group must be positive and divide E = ", experts,
+             ", got ", n_group);
+  DSV3_CHECK(topk_group >= 1 && topk_group <= n_group, op, "topk_group must be in [1, n_group = ", n_group,
+             "], got ", topk_group);
+  DSV3_CHECK(top_k <= topk_group * (experts / n_group), op,
+             "top_k must be at most topk_group * E / n_group = ", topk_group * (experts / n_group),
+             " (the experts of the kept groups), got ", top_k);
+  DSV3_CHECK(std::isfinite(routed_scaling_factor), op, "routed_scaling_factor must be finite, got ",
+             routed_scaling_factor);
+}
+
+std::tuple<at::Tensor, at::Tensor> alloc_moe_route(const at::Tensor& logits, int64_t top_k) {
+  const int64_t tokens = logits.size(0);
+  return {at::empty({tokens, top_k}, logits.options().dtype(at::kLong)),
+          at::empty({tokens, top_k}, logits.options().dtype(at::kFloat))};
 }
 
 }  // namespace dsv3

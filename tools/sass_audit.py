@@ -52,6 +52,11 @@ HGMMA_QK = r"^HGMMA\.64x32x16\.F32(\.BF16)? "
 HGMMA_PV = r"^HGMMA\.64x256x16\.F32(\.BF16)? .*tnspB"
 HGMMA_BF16 = r"^HGMMA\.64x\d+x16\.F32\.BF16 "
 MLA_DECODE_MAX_REGISTERS = 255
+# MoE router (csrc/cuda/moe_route.cu): one warp per token, scores in registers; butterfly shuffles for the
+# group top-2 and the (value, index) arg-max rounds, an indexed shuffle for the winner's score, a warp vote
+# for non-finite rows. ptxas (nvcc 13.0): 32..193 registers from 1 to 32 values per lane, no spills.
+WARP_BROADCAST, WARP_VOTE = r"^SHFL\.IDX", r"^VOTE\.ANY"
+ROUTE_MAX_REGISTERS = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +143,12 @@ RULES: list[Rule] = [
     ),
     Rule("mla decode: combine of split partials", r"::mla_combine_kernel<(__nv_bfloat16|__half)>"),
     Rule("mla decode: split-KV schedule (one thread)", r"::mla_metadata_kernel$"),
+    Rule(
+        "moe router: one warp per token, warp-shuffle top-2 and arg-max",
+        r"::moe_route_kernel<\d+>",
+        require=(WARP_REDUCE, WARP_BROADCAST, WARP_VOTE),
+        max_registers=ROUTE_MAX_REGISTERS,
+    ),
 ]
 
 # ---- locating the tools and the library

@@ -36,7 +36,10 @@ namespace dsv3 {
       const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,                        \
       const at::Tensor& cache_seqlens, int64_t head_dim_v, std::optional<double> softmax_scale, bool causal, \
       const std::optional<at::Tensor>& tile_scheduler_metadata,                                              \
-      const std::optional<at::Tensor>& num_splits);
+      const std::optional<at::Tensor>& num_splits);                                                          \
+  std::tuple<at::Tensor, at::Tensor> moe_route(                                                              \
+      const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t top_k, int64_t n_group,       \
+      int64_t topk_group, double routed_scaling_factor, bool norm_topk_prob);
 
 namespace cpu {
 DSV3_DECLARE_OPS

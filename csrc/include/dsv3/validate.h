@@ -77,4 +77,12 @@ void check_mla_schedule_contents(const at::Tensor& tile_scheduler_metadata, cons
 // out [b, s_q, h_q, d_v] in q's dtype, lse fp32 [b, h_q, s_q].
 std::tuple<at::Tensor, at::Tensor> alloc_mla_decode(const at::Tensor& q, const MlaDecodeDims& d);
 
+// MoE router (SPEC §5). Experts per token are capped so the CUDA kernel keeps a token's scores in one warp's
+// registers; every device enforces the cap so all accept the same inputs.
+constexpr int64_t kMaxRouteExperts = 1024;
+void check_moe_route(const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t top_k,
+                     int64_t n_group, int64_t topk_group, double routed_scaling_factor);
+// topk_idx int64 [T, top_k], topk_weights fp32 [T, top_k] on logits' device.
+std::tuple<at::Tensor, at::Tensor> alloc_moe_route(const at::Tensor& logits, int64_t top_k);
+
 }  // namespace dsv3

@@ -9,6 +9,7 @@ FAMILIES = {
     "grouped": "dsv3.bench.grouped",
     "quant": "dsv3.bench.quant",
     "mla": "dsv3.bench.mla",
+    "route": "dsv3.bench.route",
 }
 
 

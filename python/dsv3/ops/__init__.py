@@ -30,6 +30,7 @@ __all__ = [
     "dequantize_mla_kv_fp8",
     "mla_fp8_token_bytes",
     "store_mla_kv",
+    "moe_route",
 ]
 
 _ops = torch.ops.dsv3
@@ -236,3 +237,19 @@ def store_mla_kv(
     if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: copy the bytes
         kv_cache, rows = kv_cache.view(torch.uint8), rows.view(torch.uint8)
     kv_cache.view(pages * page_size, h_kv, -1).index_copy_(0, slots, rows)
+
+
+def moe_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    top_k: int = 8,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's MoE router (SPEC §5) on fp32 router logits `[T, E]` (x·Wᵀ) and the fp32
+    `e_score_correction_bias [E]` (None: zeros). Returns `(topk_idx int64 [T, top_k], topk_weights fp32
+    [T, top_k])`, each token's experts best first (biased score descending, ties to the lower index).
+    The semantics, NaN handling and the differences from transformers: `dsv3.ops.reference.moe_route`."""
+    return _ops.moe_route(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)

@@ -276,3 +276,55 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double(), y.double()
     denom = (x * x + y * y).sum()
     return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def moe_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    top_k: int = 8,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's sigmoid router (SPEC §5) on router logits `[T, E]` fp32 -> `(topk_idx int64 [T, top_k],
+    topk_weights fp32 [T, top_k])`.
+
+    scores = sigmoid(logits); choice = scores + bias (eq. 16: the bias only steers selection). The E experts
+    form `n_group` contiguous groups; a group's score is the sum of its two best choice values (its only one
+    when a group holds one expert); the `topk_group` best groups are kept and the experts of the others are
+    excluded. The `top_k` best experts of the kept groups are selected, and their weights are the unbiased
+    scores, divided by their sum (+1e-20) when `norm_topk_prob`, times `routed_scaling_factor`.
+
+    Order: "best" everywhere means choice value descending, ties to the lower index (groups and experts);
+    the k outputs of a token are in that order. The weight sum adds the k scores left to right in that
+    order. A token whose choice values are not all finite (a NaN logit, or a non-finite bias entry) gets
+    indices 0..top_k-1 and NaN weights; other tokens are unaffected.
+
+    Differences from transformers' DeepseekV3TopkRouter: excluded experts are never selected (the DeepSeek
+    reference's -inf mask; transformers fills them with 0.0, which beats a kept expert whose biased score
+    is negative); its `topk(sorted=False)` leaves the k outputs unordered and sums them in that order (the
+    same sets; weights within an ulp or two when normalized); groups of one expert are allowed.
+    """
+    scores = logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    num_tokens, num_experts = choice.shape
+    bad = ~torch.isfinite(choice).all(dim=-1, keepdim=True)
+    choice = torch.where(bad, 0.0, choice)
+    if n_group > 1:
+        grouped = choice.view(num_tokens, n_group, num_experts // n_group)
+        best = torch.sort(grouped, dim=-1, descending=True, stable=True).values
+        group_scores = best[..., 0] + best[..., 1] if best.shape[-1] > 1 else best[..., 0]
+        kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), float("-inf"))
+    idx = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    idx = torch.where(bad, torch.arange(top_k, device=idx.device), idx)
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        denominator = weights[:, :1].clone()
+        for j in range(1, top_k):
+            denominator = denominator + weights[:, j : j + 1]
+        weights = weights / (denominator + 1e-20)
+    weights = weights * routed_scaling_factor
+    return idx, torch.where(bad, float("nan"), weights)
