@@ -1,4 +1,4 @@
-"""The `dsv3` command line: `dsv3 info`, `dsv3 bench <family>`."""
+"""The `dsv3` command line: `dsv3 info`, `dsv3 bench <family>`, `dsv3 convert --to bf16|fp8 SRC DST`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,22 @@ def _bench(args) -> int:
     return run(args.rest)
 
 
+def _convert(args) -> int:
+    from .model.checkpoint import convert_checkpoint
+
+    shards = convert_checkpoint(
+        args.src, args.dst, args.to, max_shard_bytes=int(args.max_shard_gib * 2**30), progress=print
+    )
+    print(f"wrote {len(shards)} shard(s) to {args.dst}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .infer.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 kernels and model for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,10 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         fn=_info
     )
     bench = sub.add_parser(
-        "bench", help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla} [--help]", add_help=False
+        "bench", help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route} [--help]", add_help=False
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)
+    convert = sub.add_parser("convert", help="convert an HF checkpoint between BF16 and block FP8")
+    convert.add_argument("--to", choices=["bf16", "fp8"], required=True)
+    convert.add_argument("--max-shard-gib", type=float, default=5.0, help="shard size limit (default 5)")
+    convert.add_argument("src", help="HF checkpoint directory")
+    convert.add_argument("dst", help="output directory (replaced atomically)")
+    convert.set_defaults(fn=_convert)
+    from .infer.cli import add_arguments
+
+    generate = sub.add_parser("generate", help="generate text with a model directory (streamed)")
+    add_arguments(generate)
+    generate.set_defaults(fn=_generate)
     args = parser.parse_args(argv)
     return args.fn(args)
 
