@@ -16,7 +16,7 @@ case "$flavor" in
 esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install "$torch_spec" numpy safetensors "scikit-build-core>=0.10" ninja "cmake>=3.26"
+"${pip[@]}" install "$torch_spec" numpy safetensors "tokenizers>=0.20" "scikit-build-core>=0.10" ninja "cmake>=3.26"
 extras=${DSV3_EXTRAS:+[$DSV3_EXTRAS]}
 DSV3_CUDA=$cuda_mode "${pip[@]}" install --no-build-isolation ".$extras"
 "$venv/bin/dsv3" info
