@@ -58,6 +58,41 @@ def _convert(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from .train.trainer import TrainConfig, Trainer
+
+    overrides = dict(preset=args.preset, steps=args.steps, precision=args.precision, seed=args.seed)
+    if args.data:
+        overrides["data"] = args.data
+    if args.config:
+        cfg = TrainConfig.from_file(args.config, **overrides)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None}).validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("gloo")
+    trainer = Trainer(cfg, args.out, resume=args.resume)
+    if trainer.rank == 0:
+        params_m = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+        print(
+            f"dsv3 train: {cfg.preset} model ({params_m:.2f}M "
+            f"params, {cfg.precision}), {cfg.steps} steps of {cfg.global_batch} x {cfg.seq_len} tokens, "
+            f"{trainer.world} rank(s); data ready in {trainer.prep_s:.1f} s; writing {args.out}"
+        )
+    result = trainer.run()
+    if trainer.rank == 0:
+        print(f"final loss {result['final_loss']:.3f}, validation loss {result['val_loss']:.3f}")
+        print(f"model: {result['export']}  metrics: {args.out}/metrics.jsonl  plot: {result['plot']}")
+        for text in result["samples"]:
+            print("---\n" + text)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def _generate(args) -> int:
     from .infer.cli import run
 
@@ -71,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         fn=_info
     )
     bench = sub.add_parser(
-        "bench", help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route} [--help]", add_help=False
+        "bench",
+        help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route,model} [--help]",
+        add_help=False,
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)
@@ -81,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("src", help="HF checkpoint directory")
     convert.add_argument("dst", help="output directory (replaced atomically)")
     convert.set_defaults(fn=_convert)
+    train = sub.add_parser("train", help="train a DeepSeek-V3 (FP8 recipe) on bundled data or your files")
+    train.add_argument("--preset", default=None, help="model preset (default tiny)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
+    train.add_argument("--out", default="runs/tiny", help="output directory (default runs/tiny)")
+    train.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
+    train.add_argument("--precision", choices=["fp8", "bf16"], default=None, help="GEMM precision (fp8)")
+    train.add_argument("--data", nargs="*", default=None, help="text/jsonl files or dirs (default: bundled)")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.set_defaults(fn=_train)
+
     from .infer.cli import add_arguments
 
     generate = sub.add_parser("generate", help="generate text with a model directory (streamed)")

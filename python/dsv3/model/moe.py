@@ -27,15 +27,20 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        self.last_scores: torch.Tensor | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under mixed precision
+            return F.linear(x.float(), self.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (topk_idx int64 [T, k], topk_weights fp32 [T, k])."""
+        """x [T, hidden] -> (topk_idx int64 [T, k], topk_weights fp32 [T, k]). When gradients flow, the
+        weights are recomputed from the sigmoid scores in torch (the op's selection is not differentiable,
+        the gates are: eq. 13) and the scores are kept in `last_scores` for the sequence-wise balance loss."""
         c = self.cfg
-        return ops.moe_route(
-            self.logits(x),
+        logits = self.logits(x)
+        topk_idx, topk_weights = ops.moe_route(
+            logits.detach(),
             self.e_score_correction_bias.float(),
             c.num_experts_per_tok,
             c.n_group,
@@ -43,6 +48,14 @@ class Router(nn.Module):
             c.routed_scaling_factor,
             c.norm_topk_prob,
         )
+        if torch.is_grad_enabled() and logits.requires_grad:
+            scores = logits.sigmoid()
+            w = scores.gather(1, topk_idx)
+            if c.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            topk_weights = w * c.routed_scaling_factor
+            self.last_scores = scores
+        return topk_idx, topk_weights
 
 
 class Experts(nn.Module):

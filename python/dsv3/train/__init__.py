@@ -1,0 +1,25 @@
+"""Training: FP8 linear autograd, load balancing, MTP loss, optimizer, data, trainer, checkpoints."""
+
+from .fp8_linear import (
+    FP8GroupedLinearFunction,
+    FP8LinearFunction,
+    FP8TrainExperts,
+    FP8TrainLinear,
+    disable_fp8_training,
+    enable_fp8_training,
+    fp8_grouped_experts,
+    fp8_grouped_linear,
+    fp8_linear,
+)
+
+__all__ = [
+    "FP8LinearFunction",
+    "FP8GroupedLinearFunction",
+    "FP8TrainLinear",
+    "FP8TrainExperts",
+    "fp8_linear",
+    "fp8_grouped_linear",
+    "fp8_grouped_experts",
+    "enable_fp8_training",
+    "disable_fp8_training",
+]
