@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..model import ModelConfig, build_model
+from ..model import ep as ep_mod
 from ..model.checkpoint import save_pretrained
 from . import balancing
 from .optim import AdamW, lr_at, param_groups
@@ -57,6 +58,9 @@ class TrainConfig:
     keep_last: int = 2
     samples: int = 3  # continuations printed at the end
     sample_tokens: int = 48
+    # Expert parallelism (world > 1): rank r holds routed experts [r·E/R, (r+1)·E/R) and MoE layers exchange
+    # tokens all-to-all (dsv3.model.ep); the other parameters stay data parallel.
+    expert_parallel: bool = False
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, msg: str) -> None:
@@ -125,10 +129,21 @@ class Trainer:
         model_fields.update(cfg.model)
         self.model_cfg = dataclasses.replace(ModelConfig.preset(cfg.preset), **model_fields).validate()
         self.model = build_model(self.model_cfg, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
+        # -- expert parallelism (dsv3.model.ep): keep this rank's expert block of the same initial weights
+        self.expert_parallel = cfg.expert_parallel and self.world > 1
+        if self.expert_parallel:
+            ids = ep_mod.local_expert_ids(self.model_cfg.n_routed_experts, self.rank, self.world)
+            full = self.model.state_dict()
+            self.model = build_model(self.model_cfg, torch.float32, expert_ids=ids, init=False)
+            ep_mod.load_expert_shard(self.model, full)
+            del full
         if cfg.precision == "fp8":
             from .fp8_linear import enable_fp8_training
 
             enable_fp8_training(self.model)
+        if self.expert_parallel:
+            ep_mod.enable_expert_parallel(self.model)
+        # -- end expert parallelism
         self.model.train()
         self.opt = AdamW(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)
         self.step = 0
@@ -181,12 +196,16 @@ class Trainer:
         if self.world > 1:  # data parallel: average gradients (and losses for the log) over ranks
             for p in self.model.parameters():
                 if p.grad is not None:
-                    dist.all_reduce(p.grad)
+                    if not ep_mod.is_expert_parallel(p):  # rank-owned experts: summed by the all-to-all
+                        dist.all_reduce(p.grad)
                     p.grad /= self.world
             t = torch.tensor([sums["main"], sums["mtp"], sums["balance"]])
             dist.all_reduce(t)
             sums = dict(zip(("main", "mtp", "balance"), (t / self.world).tolist(), strict=True))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        if self.expert_parallel:  # the norm over the whole model: expert gradients live on their ranks
+            grad_norm = float(ep_mod.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         lr = lr_at(
             self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, int(cfg.decay_start * cfg.steps)
         )
@@ -229,16 +248,29 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Model (fp32 masters and router biases), optimizer moments, data position, RNG: a directory written
-        under a temporary name and renamed into place, so a killed save never leaves a broken checkpoint."""
-        if self.rank != 0:
+        under a temporary name and renamed into place, so a killed save never leaves a broken checkpoint.
+        With expert parallelism every rank writes its own state to `step_X/rank{r}/` (rank 0 renames the
+        directory once all ranks are done)."""
+        if self.rank != 0 and not self.expert_parallel:
             return self.checkpoint_dir()
         root = self.checkpoint_dir()
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{self.step:07d}"
-        tmp = root / f".tmp-step_{self.step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
+        if self.expert_parallel:
+            tmp = root / f".tmp-step_{self.step:07d}-ep"
+            if self.rank == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            dist.barrier()
+            d = tmp / f"rank{self.rank}"
+            d.mkdir()
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".tmp-step_{self.step:07d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            d = tmp
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, d / "model.safetensors")
         names = {id(p): n for n, p in self.model.named_parameters()}
         opt_tensors, opt_steps = {}, {}
         for group in self.opt.param_groups:
@@ -250,7 +282,7 @@ class Trainer:
                     opt_tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"]
                     opt_steps[n] = st["step"]
         opt_tensors["__rng_torch__"] = torch.get_rng_state()
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(opt_tensors, d / "optimizer.safetensors")
         meta = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -259,16 +291,23 @@ class Trainer:
             "python_rng": _jsonable(random.getstate()),
             "train_config": dataclasses.asdict(self.cfg),
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(meta))
-        for f in tmp.iterdir():
+        (d / "trainer_state.json").write_text(json.dumps(meta))
+        for f in d.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        if self.expert_parallel:  # every rank's files are on disk before rank 0 publishes the directory
+            dist.barrier()
+            if self.rank != 0:
+                dist.barrier()
+                return final
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         done = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
         for old in done[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        if self.expert_parallel:
+            dist.barrier()
         return final
 
     def latest_checkpoint(self) -> Path | None:
@@ -280,6 +319,12 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir()}")
+        if self.expert_parallel:  # this rank's part of an expert-parallel checkpoint
+            path = path / f"rank{self.rank}"
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"--resume: {path} missing (not saved with this expert-parallel world)"
+                )
         self.model.load_state_dict(load_file(path / "model.safetensors"))
         meta = json.loads((path / "trainer_state.json").read_text())
         opt = load_file(path / "optimizer.safetensors")
@@ -318,9 +363,11 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         result = {"steps": self.step, "final_loss": history[-1]["loss"] if history else math.nan}
+        if self.rank == 0 or self.expert_parallel:  # with EP the forward and the export are collective
+            val_loss, export = self.validation_loss(), self.export()
         if self.rank == 0:
-            result["val_loss"] = self.validation_loss()
-            result["export"] = str(self.export())
+            result["val_loss"] = val_loss
+            result["export"] = str(export)
             result["plot"] = _plot(history, self.out / "loss.png")
             result["samples"] = self.samples()
         return result
@@ -329,9 +376,15 @@ class Trainer:
         """The HF-layout directory (fp32 weights, tokenizer files) that dsv3.model.from_pretrained, `dsv3
         generate` and transformers' AutoModelForCausalLM load."""
         path = self.out / "model"
+        if self.expert_parallel:  # all ranks gather the experts; rank 0 writes (and samples) the full model
+            state = ep_mod.gather_expert_state_dict(self.model)
+            if self.rank != 0:
+                return path
+            self._full_model = build_model(self.model_cfg, torch.float32, init=False)
+            self._full_model.load_state_dict(state)
         tok_dir = self.out / "tokenizer"
         self.data.write_tokenizer(tok_dir, model_max_length=self.model_cfg.max_position_embeddings)
-        save_pretrained(self.model, path, self.model_cfg, tokenizer_dir=tok_dir)
+        save_pretrained(getattr(self, "_full_model", self.model), path, self.model_cfg, tokenizer_dir=tok_dir)
         return path
 
     @torch.no_grad()
@@ -340,6 +393,17 @@ class Trainer:
 
         tok = self.data.tokenizer
         prompts = ["def ", "import ", "class "][: self.cfg.samples]
+        if self.expert_parallel:  # rank 0 alone: the gathered full model of export() (fp32 compute)
+            if getattr(self, "_full_model", None) is None:
+                raise RuntimeError(
+                    "Trainer.samples: with expert parallelism call export() first (on all ranks)"
+                )
+            gen = Generator(self._full_model.eval(), num_pages=64)
+            outs = gen.generate(
+                [tok.encode(p).ids for p in prompts],
+                SamplingParams(max_new_tokens=self.cfg.sample_tokens, stop_token_ids=[1]),
+            )
+            return [p + tok.decode(o.tokens) for p, o in zip(prompts, outs, strict=True)]
         gen = Generator(self.model.eval(), num_pages=64)
         outs = gen.generate(
             [tok.encode(p).ids for p in prompts],
