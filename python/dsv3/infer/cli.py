@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
             tokens[i].append(t)
             if stream:
                 text = tokenizer.decode(tokens[i])
-                if text.startswith(printed[i]):
+                # A byte-level token can end inside a UTF-8 character (decoded as U+FFFD): hold it back
+                # until the character is complete.
+                if text.startswith(printed[i]) and not text.endswith("\ufffd"):
                     sys.stdout.write(text[len(printed[i]) :])
                     sys.stdout.flush()
                     printed[i] = text

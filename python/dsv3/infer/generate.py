@@ -85,6 +85,13 @@ def draw(probs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def next_tokens(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> list[int]:
+    """One token per row of logits [n, vocab]: the argmax when greedy, else a draw from `probabilities`."""
+    if params.temperature == 0:
+        return logits.argmax(-1).tolist()
+    return draw(probabilities(logits, params), gen).tolist()
+
+
 class Generator:
     """Generation with a DeepseekV3 model and its own paged cache of `num_pages` pages per layer."""
 
@@ -139,6 +146,7 @@ class Generator:
         """Completes every prompt (lists of token ids); `on_token(request index, token)` streams tokens."""
         params = params or SamplingParams()
         params.validate()
+        self.stats = GenerationStats()  # per call
         if speculative and self.model.mtp is None:
             raise ValueError("generate: speculative decoding needs the model's MTP layer")
         for i, p in enumerate(prompts):
@@ -185,7 +193,7 @@ class Generator:
             ids = torch.tensor([list(p)], device=self.device)
             h, logits = self._main([i], [0], ids)
             length[i] = len(p)
-            nxt[i] = int(draw(probabilities(logits[:, -1], params), gen))
+            nxt[i] = next_tokens(logits[:, -1], params, gen)[0]
             if speculative:  # MTP entries 0 .. len-1: (h_j, t_{j+1}); the last one drafts position len + 1
                 nexts = torch.cat([ids[:, 1:], torch.tensor([[nxt[i]]], device=self.device)], dim=1)
                 q = probabilities(self._mtp([i], [0], h, nexts)[:, -1], params)[0]
@@ -202,9 +210,10 @@ class Generator:
                 _, logits = self._main(
                     active, [length[i] for i in active], torch.tensor([[nxt[i]] for i in active])
                 )
+                sampled = next_tokens(logits[:, -1], params, gen)
                 for row, i in enumerate(active):
                     length[i] += 1
-                    nxt[i] = int(draw(probabilities(logits[row, -1:], params), gen))
+                    nxt[i] = sampled[row]
                     self._emit(i, nxt[i], outs, done, stop, params, on_token)
                     self.stats.decode_tokens += 1
                 continue
