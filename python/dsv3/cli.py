@@ -61,6 +61,7 @@ def _convert(args) -> int:
 def _train(args) -> int:
     import os
 
+    import torch
     import torch.distributed as dist
 
     from .train.trainer import TrainConfig, Trainer
@@ -73,7 +74,7 @@ def _train(args) -> int:
     else:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None}).validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     trainer = Trainer(cfg, args.out, resume=args.resume)
     if trainer.rank == 0:
         params_m = sum(p.numel() for p in trainer.model.parameters()) / 1e6
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench = sub.add_parser(
         "bench",
-        help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route,model} [--help]",
+        help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route,model,train} [--help]",
         add_help=False,
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -58,6 +58,34 @@ def test_run_writes_metrics_checkpoints_export(tmp_path, precision):
     assert len(result["samples"]) == 1
 
 
+def test_mtp_loss_offsets(tmp_path, monkeypatch):
+    """MTP depth 1 (eqs. 21-25): position i gets h_i and the embedding of token i + 1 and is scored against
+    token i + 2; the total is main + λ·MTP + balance."""
+    t = Trainer(small(), tmp_path, log=quiet)
+    x, y = t.loader.next_step()[0]
+    seen = {}
+    real = t.model.mtp_logits
+
+    def spy(h, next_ids, *args, **kwargs):
+        seen["h"], seen["next"] = h.detach(), next_ids
+        seen["out"] = real(h, next_ids, *args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(t.model, "mtp_logits", spy)
+    parts = t.losses(x, y)
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+    assert torch.equal(seen["next"], x[:, 1:])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = t.model.hidden(x)
+    assert torch.allclose(seen["h"].float(), h[:, :-1].float(), atol=1e-2)
+    logits = seen["out"][1].float()
+    expect = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten())
+    assert float(parts["mtp"]) == pytest.approx(float(expect), rel=1e-6)
+    total = parts["main"] + t.cfg.mtp_lambda * parts["mtp"] + parts["balance"]
+    assert float(parts["total"]) == pytest.approx(float(total), rel=1e-6)
+    assert float(parts["balance"]) > 0
+
+
 def test_resume_is_bit_exact(tmp_path):
     straight = Trainer(small(steps=4), tmp_path / "a", log=quiet)
     straight.run()

@@ -230,6 +230,7 @@ class Trainer:
             "step_s": dt,
             "max_imbalance": max(imb) if imb else 1.0,
             "mean_imbalance": sum(imb) / len(imb) if imb else 1.0,
+            "imbalance_per_layer": [round(x, 4) for x in imb],  # max/mean expert load, MoE layers in order
         }
 
     @torch.no_grad()
