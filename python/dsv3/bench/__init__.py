@@ -10,6 +10,8 @@ FAMILIES = {
     "quant": "dsv3.bench.quant",
     "mla": "dsv3.bench.mla",
     "route": "dsv3.bench.route",
+    "model": "dsv3.bench.model",
+    "train": "dsv3.bench.train",
 }
 
 
