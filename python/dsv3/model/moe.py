@@ -142,10 +142,16 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         self.dispatcher = LocalDispatcher()
         self.last_topk_idx: torch.Tensor | None = None  # the latest routing, for load statistics
+        # Opt-in running expert load: when set to a tensor [n_routed_experts], every forward adds its routing
+        # counts to it (the DualPipe trainer sums the loads of all micro-batches of a step this way).
+        self.load_accumulator: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         topk_idx, topk_weights = self.gate(flat)
         self.last_topk_idx = topk_idx
+        if self.load_accumulator is not None:
+            acc = self.load_accumulator
+            acc += torch.bincount(topk_idx.flatten(), minlength=acc.numel()).to(acc.device, acc.dtype)
         routed = self.dispatcher(flat, topk_idx, topk_weights, self.experts)
         return (routed + self.shared_experts(flat)).view(x.shape)  # eq. 13

@@ -25,6 +25,7 @@ from ..model import ModelConfig, build_model
 from ..model import ep as ep_mod
 from ..model.checkpoint import save_pretrained
 from . import balancing
+from .dualpipe import DualPipe, dualpipe_modules
 from .optim import AdamW, lr_at, param_groups
 
 
@@ -61,6 +62,14 @@ class TrainConfig:
     # Expert parallelism (world > 1): rank r holds routed experts [r·E/R, (r+1)·E/R) and MoE layers exchange
     # tokens all-to-all (dsv3.model.ep); the other parameters stay data parallel.
     expert_parallel: bool = False
+    # Pipeline parallelism: "none" or "dualpipe" (dsv3.train.dualpipe). With "dualpipe" all ranks (an even
+    # number >= 2) form one pipeline and there is no data parallelism: rank r trains stages r and P-1-r of
+    # the model, ranks 0 and P-1 feed the whole global batch cut into global_batch / micro_batch micro-batches
+    # (even, >= 2 x ranks). The schedule carries the main next-token loss only: the MTP loss and the
+    # sequence-wise balance loss are off (mtp_lambda and seq_aux_alpha are ignored; the metrics log
+    # mtp_loss = balance_loss = 0.0); the auxiliary-loss-free bias update stays on. Incompatible with
+    # expert_parallel.
+    pipeline: str = "none"
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, msg: str) -> None:
@@ -72,6 +81,17 @@ class TrainConfig:
         need(self.global_batch >= 1 and self.micro_batch >= 1, "batch sizes must be positive")
         need(self.warmup_steps >= 1, "warmup_steps must be >= 1")
         need(0 <= self.decay_start <= 1, "decay_start must be a fraction in [0, 1]")
+        # -- DualPipe: the checks that do not depend on the world (Trainer checks the ranks)
+        need(self.pipeline in ("none", "dualpipe"), f"pipeline must be none|dualpipe, got {self.pipeline!r}")
+        if self.pipeline == "dualpipe":
+            need(not self.expert_parallel, "pipeline='dualpipe' is incompatible with expert_parallel")
+            chunks = self.global_batch // self.micro_batch
+            need(
+                self.global_batch % self.micro_batch == 0 and chunks % 2 == 0,
+                f"pipeline='dualpipe' needs global_batch / micro_batch (the number of micro-batches) to be "
+                f"an even integer, got global_batch {self.global_batch} / micro_batch {self.micro_batch}",
+            )
+        # -- end DualPipe
         return self
 
     @classmethod
@@ -99,12 +119,17 @@ class Trainer:
 
         self.cfg, self.out, self.log = cfg.validate(), Path(out_dir), log
         self.rank, self.world = _world()
-        if cfg.global_batch % (cfg.micro_batch * self.world):
+        # -- DualPipe: one pipeline over all ranks, no data parallelism (see TrainConfig.pipeline)
+        self.dualpipe = cfg.pipeline == "dualpipe"
+        if self.dualpipe:
+            _check_dualpipe_world(cfg)
+        # -- end DualPipe
+        if not self.dualpipe and cfg.global_batch % (cfg.micro_batch * self.world):
             raise ValueError(
                 f"TrainConfig: global_batch {cfg.global_batch} must be a multiple of micro_batch "
                 f"{cfg.micro_batch} x {self.world} ranks"
             )
-        self.accum = cfg.global_batch // (cfg.micro_batch * self.world)
+        self.accum = cfg.global_batch // (cfg.micro_batch * (1 if self.dualpipe else self.world))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
@@ -117,7 +142,9 @@ class Trainer:
             val_sequences=cfg.val_sequences,
             seed=cfg.seed,
         )
-        self.loader = self.data.loader(cfg.global_batch, cfg.micro_batch, self.rank, self.world)
+        # DualPipe: every rank draws the whole global batch (rank 0 of 1) so all loaders stay in step
+        loader_rank, loader_world = (0, 1) if self.dualpipe else (self.rank, self.world)
+        self.loader = self.data.loader(cfg.global_batch, cfg.micro_batch, loader_rank, loader_world)
         tok = self.data.tokenizer
         model_fields = dict(
             vocab_size=tok.get_vocab_size(),
@@ -144,6 +171,17 @@ class Trainer:
         if self.expert_parallel:
             ep_mod.enable_expert_parallel(self.model)
         # -- end expert parallelism
+        # -- DualPipe: rank r keeps deep copies of stages r and P-1-r of the same seeded model (the MTP layer
+        # is not pipelined); self.model becomes ModuleList(chunk 0, chunk 1), what the optimizer and the
+        # checkpoints see. Each chunk computes under the trainer's bf16 autocast (forward only, as losses()).
+        if self.dualpipe:
+            self.pipe = DualPipe(dualpipe_modules(self.model, self.rank, self.world))
+            for chunk in self.pipe.module:
+                chunk.forward = _bf16_autocast(chunk.forward)
+            self.model = self.pipe.module
+            for moe in balancing.moe_layers(self.model):
+                moe.load_accumulator = torch.zeros(self.model_cfg.n_routed_experts)
+        # -- end DualPipe
         self.model.train()
         self.opt = AdamW(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)
         self.step = 0
@@ -181,6 +219,8 @@ class Trainer:
         return out
 
     def train_step(self) -> dict[str, float]:
+        if self.dualpipe:
+            return self._dualpipe_train_step()
         cfg = self.cfg
         t0 = time.perf_counter()
         loads = None
@@ -233,8 +273,121 @@ class Trainer:
             "imbalance_per_layer": [round(x, 4) for x in imb],  # max/mean expert load, MoE layers in order
         }
 
+    # -- DualPipe -------------------------------------------------------------------------------------------
+
+    def _dualpipe_train_step(self) -> dict[str, float]:
+        """One optimizer step under DualPipe: the schedule over global_batch / micro_batch micro-batches,
+        the two copies of each stage summed (sync_stage_grads), clipping by the norm over every stage once
+        (chunk 0 of every rank), AdamW on both chunks, and the bias update from each stage's loads summed over
+        its two copies (the same update on both, so the copies stay identical)."""
+        cfg, P = self.cfg, self.world
+        t0 = time.perf_counter()
+        micro = self.loader.next_step()  # every rank advances its loader; ranks 0 and P-1 feed the batch
+        ends = self.rank in (0, P - 1)
+        x = torch.cat([m[0] for m in micro]) if ends else None
+        y = torch.cat([m[1] for m in micro]) if ends else None
+        moes = [balancing.moe_layers(chunk) for chunk in self.model]
+        for moe in moes[0] + moes[1]:
+            moe.load_accumulator.zero_()
+        losses, _ = self.pipe.step(x, y, _main_ce, num_chunks=self.accum)
+        main = float(self.pipe.mean_loss(losses))
+        self.pipe.sync_stage_grads()
+        # the global norm counts each stage once: chunk 0 of rank r is stage r
+        norms = [p.grad.detach().norm() for p in self.model[0].parameters() if p.grad is not None]
+        sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
+        dist.all_reduce(sq)
+        grad_norm = float(sq.sqrt())
+        coef = min(1.0, cfg.grad_clip / (grad_norm + 1e-6))
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        lr = lr_at(
+            self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, int(cfg.decay_start * cfg.steps)
+        )
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        # expert loads of each stage over the whole batch: this copy's plus the partner's copy
+        mine = [torch.stack([m.load_accumulator for m in ms]) if ms else torch.zeros(0, 0) for ms in moes]
+        flat = torch.cat([mine[0].flatten(), mine[1].flatten()])
+        theirs = torch.empty_like(flat)
+        if flat.numel():
+            peer = self.pipe.partner  # its chunk 0 is our chunk 1's stage and vice versa
+            reqs = [dist.isend(flat, peer, tag=_LOAD_TAG), dist.irecv(theirs, peer, tag=_LOAD_TAG)]
+            for r in reqs:
+                r.wait()
+        n1 = mine[1].numel()
+        totals = [mine[0] + theirs[n1:].view_as(mine[0]), mine[1] + theirs[:n1].view_as(mine[1])]
+        with torch.no_grad():
+            for k in (0, 1):
+                for moe, load in zip(moes[k], totals[k], strict=True):
+                    bias = moe.gate.e_score_correction_bias
+                    bias += cfg.bias_update_speed * torch.sign(load.mean() - load).to(bias.device, bias.dtype)
+        stage_loads = [None] * P  # every stage's loads, in layer order, for the imbalance metrics
+        dist.all_gather_object(stage_loads, list(totals[0]))
+        loads = [load for stage in stage_loads for load in stage]
+        self.step += 1
+        tokens = cfg.global_batch * cfg.seq_len
+        self.tokens_seen += tokens
+        dt = time.perf_counter() - t0
+        imb = balancing.imbalance(loads)
+        return {
+            "step": self.step,
+            "loss": main,
+            "mtp_loss": 0.0,  # off under DualPipe (the schedule carries the main loss only)
+            "balance_loss": 0.0,  # off under DualPipe
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / dt,
+            "step_s": dt,
+            "max_imbalance": max(imb) if imb else 1.0,
+            "mean_imbalance": sum(imb) / len(imb) if imb else 1.0,
+            "imbalance_per_layer": [round(x, 4) for x in imb],
+        }
+
+    def _dualpipe_full_model(self) -> torch.nn.Module | None:
+        """Collective: rank 0 rebuilds the whole DeepseekV3 from chunk 0 of every rank (stage r lives there)
+        and returns it (None on the other ranks). The MTP layer is not trained under DualPipe: it keeps the
+        seeded initial weights."""
+        stage = self.model[0]
+        state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((stage.layer_range, state), gathered, dst=0)
+        if self.rank != 0:
+            return None
+        full = build_model(self.model_cfg, torch.float32, seed=self.cfg.seed)
+        mapped = {}
+        for (start, _end), sd in gathered:
+            for k, v in sd.items():
+                head, _, rest = k.partition(".")
+                if head == "layers":
+                    i, _, rest = rest.partition(".")
+                    mapped[f"model.layers.{start + int(i)}.{rest}"] = v
+                elif head in ("embed_tokens", "norm"):
+                    mapped[f"model.{k}"] = v
+                else:  # lm_head, rotary
+                    mapped[k] = v
+        missing, unexpected = full.load_state_dict(mapped, strict=False)
+        n = self.model_cfg.num_hidden_layers
+        stray = [k for k in missing if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)]
+        if unexpected or stray:
+            raise RuntimeError(f"DualPipe export: unexpected {unexpected[:5]}, missing {stray[:5]}")
+        return full
+
+    # -- end DualPipe
+
     @torch.no_grad()
     def validation_loss(self) -> float:
+        if self.dualpipe:  # rank 0, on the full model gathered by export()
+            if getattr(self, "_full_model", None) is None:
+                raise RuntimeError("Trainer.validation_loss: with DualPipe call export() first (all ranks)")
+            m = self._full_model.eval()
+            losses = []
+            for x, y in self.data.validation_batches(self.cfg.micro_batch):
+                with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                    losses.append(float(_main_ce(m(x), y)))
+            return sum(losses) / max(1, len(losses))
         self.model.eval()
         losses = [
             float(self.losses(x, y)["main"]) for x, y in self.data.validation_batches(self.cfg.micro_batch)
@@ -250,13 +403,14 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Model (fp32 masters and router biases), optimizer moments, data position, RNG: a directory written
         under a temporary name and renamed into place, so a killed save never leaves a broken checkpoint.
-        With expert parallelism every rank writes its own state to `step_X/rank{r}/` (rank 0 renames the
-        directory once all ranks are done)."""
-        if self.rank != 0 and not self.expert_parallel:
+        With expert parallelism or DualPipe every rank writes its own state to `step_X/rank{r}/` (rank 0
+        renames the directory once all ranks are done)."""
+        per_rank = self.expert_parallel or self.dualpipe  # DualPipe: each rank's two chunks + their optimizer
+        if self.rank != 0 and not per_rank:
             return self.checkpoint_dir()
         root = self.checkpoint_dir()
         final = root / f"step_{self.step:07d}"
-        if self.expert_parallel:
+        if per_rank:
             tmp = root / f".tmp-step_{self.step:07d}-ep"
             if self.rank == 0:
                 root.mkdir(parents=True, exist_ok=True)
@@ -296,7 +450,7 @@ class Trainer:
         for f in d.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if self.expert_parallel:  # every rank's files are on disk before rank 0 publishes the directory
+        if per_rank:  # every rank's files are on disk before rank 0 publishes the directory
             dist.barrier()
             if self.rank != 0:
                 dist.barrier()
@@ -307,7 +461,7 @@ class Trainer:
         done = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
         for old in done[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        if self.expert_parallel:
+        if per_rank:
             dist.barrier()
         return final
 
@@ -320,11 +474,11 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir()}")
-        if self.expert_parallel:  # this rank's part of an expert-parallel checkpoint
+        if self.expert_parallel or self.dualpipe:  # this rank's part of an EP / DualPipe checkpoint
             path = path / f"rank{self.rank}"
             if not path.is_dir():
                 raise FileNotFoundError(
-                    f"--resume: {path} missing (not saved with this expert-parallel world)"
+                    f"--resume: {path} missing (not saved with this expert-parallel / DualPipe world)"
                 )
         self.model.load_state_dict(load_file(path / "model.safetensors"))
         meta = json.loads((path / "trainer_state.json").read_text())
@@ -364,7 +518,10 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         result = {"steps": self.step, "final_loss": history[-1]["loss"] if history else math.nan}
-        if self.rank == 0 or self.expert_parallel:  # with EP the forward and the export are collective
+        if self.dualpipe:  # DualPipe: the export gathers the stages (collective); rank 0 validates the result
+            export = self.export()
+            val_loss = self.validation_loss() if self.rank == 0 else None
+        elif self.rank == 0 or self.expert_parallel:  # with EP the forward and the export are collective
             val_loss, export = self.validation_loss(), self.export()
         if self.rank == 0:
             result["val_loss"] = val_loss
@@ -383,6 +540,10 @@ class Trainer:
                 return path
             self._full_model = build_model(self.model_cfg, torch.float32, init=False)
             self._full_model.load_state_dict(state)
+        if self.dualpipe:  # all ranks send chunk 0 (= stage r); rank 0 writes (and samples) the full model
+            self._full_model = self._dualpipe_full_model()
+            if self.rank != 0:
+                return path
         tok_dir = self.out / "tokenizer"
         self.data.write_tokenizer(tok_dir, model_max_length=self.model_cfg.max_position_embeddings)
         save_pretrained(getattr(self, "_full_model", self.model), path, self.model_cfg, tokenizer_dir=tok_dir)
@@ -394,10 +555,10 @@ class Trainer:
 
         tok = self.data.tokenizer
         prompts = ["def ", "import ", "class "][: self.cfg.samples]
-        if self.expert_parallel:  # rank 0 alone: the gathered full model of export() (fp32 compute)
+        if self.expert_parallel or self.dualpipe:  # rank 0 alone: the full model of export() (fp32 compute)
             if getattr(self, "_full_model", None) is None:
                 raise RuntimeError(
-                    "Trainer.samples: with expert parallelism call export() first (on all ranks)"
+                    "Trainer.samples: with expert parallelism or DualPipe call export() first (on all ranks)"
                 )
             gen = Generator(self._full_model.eval(), num_pages=64)
             outs = gen.generate(
@@ -412,6 +573,43 @@ class Trainer:
         )
         self.model.train()
         return [p + tok.decode(o.tokens) for p, o in zip(prompts, outs, strict=True)]
+
+
+# -- DualPipe helpers
+_LOAD_TAG = 1000  # point-to-point tag of the expert-load exchange between the two copies of a stage
+
+
+def _check_dualpipe_world(cfg: TrainConfig) -> None:
+    """pipeline='dualpipe' needs torch.distributed with an even world >= 2 and at least 2 x world
+    micro-batches per step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("TrainConfig: pipeline='dualpipe' needs torch.distributed initialized")
+    world = dist.get_world_size()
+    if world < 2 or world % 2:
+        raise ValueError(f"TrainConfig: pipeline='dualpipe' needs an even world size >= 2, got {world}")
+    chunks = cfg.global_batch // cfg.micro_batch
+    if chunks < 2 * world:
+        raise ValueError(
+            f"TrainConfig: pipeline='dualpipe' needs global_batch / micro_batch (micro-batches per step, "
+            f"{chunks}) >= 2 x world ({2 * world}): raise global_batch or lower micro_batch"
+        )
+
+
+def _main_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The main next-token loss on the last stage's logits, as in Trainer.losses."""
+    with torch.autocast(logits.device.type, dtype=torch.bfloat16):
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def _bf16_autocast(forward):
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return forward(x)
+
+    return wrapped
+
+
+# -- end DualPipe helpers
 
 
 def _jsonable(x):
