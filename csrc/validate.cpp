@@ -3,6 +3,7 @@
 #include "dsv3/validate.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 
@@ -279,6 +280,12 @@ void check_mla_metadata_args(const at::Tensor& cache_seqlens, int64_t num_q_toke
 std::tuple<at::Tensor, at::Tensor> alloc_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_parts) {
   const auto opts = cache_seqlens.options().dtype(at::kInt);
   return {at::empty({num_parts, mla::kMetaInts}, opts), at::empty({cache_seqlens.size(0) + 1}, opts)};
+}
+
+int64_t mla_cpu_parts(int64_t num_q_tokens_per_head_k, int64_t num_heads_k,
+                      std::optional<int64_t> num_sm_parts) {
+  return num_sm_parts.value_or(
+      mla::num_parts_for(at::get_num_threads(), num_heads_k, num_q_tokens_per_head_k));
 }
 
 MlaDecodeDims check_mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,

@@ -58,3 +58,30 @@ def assert_mla_close(
         denom = (x * x + ref * ref).sum()
         cos_diff = float(1 - 2 * (x * ref).sum() / denom) if denom > 0 else 0.0
         assert cos_diff <= cos_tol, f"cosine diff {cos_diff:.3e} > {cos_tol:.3e}"
+
+
+def tiny_train_config(validate: bool = True, **changes):
+    """A TrainConfig for seconds-long trainer tests (tiny data, 32-token sequences, 4 per step)."""
+    import dataclasses
+
+    from dsv3.train.trainer import TrainConfig
+
+    base = TrainConfig(
+        steps=4,
+        seq_len=32,
+        global_batch=4,
+        micro_batch=2,
+        corpus_bytes=150_000,
+        vocab_size=512,
+        val_sequences=4,
+        checkpoint_every=2,
+        samples=1,
+        sample_tokens=4,
+        warmup_steps=2,
+    )
+    cfg = dataclasses.replace(base, **changes)
+    return cfg.validate() if validate else cfg
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """A `log` for Trainer that prints nothing."""

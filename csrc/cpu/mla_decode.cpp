@@ -67,8 +67,7 @@ std::tuple<at::Tensor, at::Tensor> get_mla_decode_metadata(const at::Tensor& cac
                                                            int64_t num_heads_k,
                                                            std::optional<int64_t> num_sm_parts) {
   check_mla_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts);
-  const int64_t parts =
-      num_sm_parts.value_or(mla::num_parts_for(at::get_num_threads(), num_heads_k, num_q_tokens_per_head_k));
+  const int64_t parts = mla_cpu_parts(num_q_tokens_per_head_k, num_heads_k, num_sm_parts);
   auto [meta, num_splits] = alloc_mla_metadata(cache_seqlens, parts);
   const at::Tensor lens = cache_seqlens.contiguous();
   mla::build_schedule(lens.const_data_ptr<int32_t>(), static_cast<int32_t>(lens.size(0)),

@@ -12,6 +12,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import quiet, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 from dsv3.model import from_pretrained
@@ -19,30 +20,8 @@ from dsv3.train import trainer as trainer_mod
 from dsv3.train.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
-
-
 def small(**changes) -> TrainConfig:
-    base = TrainConfig(
-        steps=4,
-        seq_len=32,
-        global_batch=4,
-        micro_batch=2,
-        corpus_bytes=150_000,
-        vocab_size=512,
-        val_sequences=4,
-        checkpoint_every=2,
-        samples=1,
-        sample_tokens=4,
-        warmup_steps=2,
-    )
-    return dataclasses.replace(base, **changes).validate()
-
-
-def quiet(*_args, **_kwargs):
-    pass
+    return tiny_train_config(**changes)
 
 
 @pytest.mark.parametrize("precision", ["fp8", "bf16"])

@@ -14,41 +14,24 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import quiet, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 from dsv3.model import from_pretrained
 from dsv3.train.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
-
-
 def config(**changes) -> TrainConfig:
     """test_trainer's small() with 4 blocks, no MTP layer, and the losses DualPipe does not carry off."""
-    base = TrainConfig(
+    base = dict(
         steps=2,
-        seq_len=32,
-        global_batch=4,
         micro_batch=1,
-        corpus_bytes=150_000,
-        vocab_size=512,
-        val_sequences=4,
-        checkpoint_every=2,
-        samples=1,
-        sample_tokens=4,
-        warmup_steps=2,
         precision="bf16",
         mtp_lambda=0.0,
         seq_aux_alpha=0.0,
         model={"num_hidden_layers": 4, "num_nextn_predict_layers": 0},
     )
-    return dataclasses.replace(base, **changes)
-
-
-def quiet(*_args, **_kwargs):
-    pass
+    return tiny_train_config(validate=False, **{**base, **changes})
 
 
 def _free_port() -> int:

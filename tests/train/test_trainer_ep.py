@@ -4,7 +4,6 @@ steps (experts gathered), per-rank checkpoints that resume, and an HF export of 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -13,6 +12,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import quiet, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 from dsv3.model import from_pretrained
@@ -20,32 +20,8 @@ from dsv3.model.ep import AllToAllDispatcher, gather_expert_state_dict
 from dsv3.train.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
-
-
 def small(**changes) -> TrainConfig:
-    base = TrainConfig(
-        steps=2,
-        seq_len=32,
-        global_batch=4,
-        micro_batch=2,
-        corpus_bytes=150_000,
-        vocab_size=512,
-        val_sequences=4,
-        checkpoint_every=2,
-        samples=1,
-        sample_tokens=4,
-        warmup_steps=2,
-        precision="bf16",
-        expert_parallel=True,
-    )
-    return dataclasses.replace(base, **changes).validate()
-
-
-def quiet(*_args, **_kwargs):
-    pass
+    return tiny_train_config(**{"steps": 2, "precision": "bf16", "expert_parallel": True, **changes})
 
 
 def _free_port() -> int:

@@ -65,6 +65,9 @@ inline int64_t mla_fp8_token_bytes(int64_t d_qk, int64_t d_v) {
 void check_mla_metadata_args(const at::Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
                              int64_t num_heads_k, std::optional<int64_t> num_sm_parts);
 std::tuple<at::Tensor, at::Tensor> alloc_mla_metadata(const at::Tensor& cache_seqlens, int64_t num_parts);
+// Parts of a CPU schedule: num_sm_parts, else one per ATen thread and (KV head, 64-row tile).
+int64_t mla_cpu_parts(int64_t num_q_tokens_per_head_k, int64_t num_heads_k,
+                      std::optional<int64_t> num_sm_parts);
 MlaDecodeDims check_mla_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
                                const at::Tensor& cache_seqlens, int64_t head_dim_v,
                                std::optional<double> softmax_scale,

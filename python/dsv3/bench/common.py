@@ -26,3 +26,12 @@ def write_json(path: str | None, device: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"results: {path}")
+
+
+def transformers_version() -> str:
+    """'transformers X.Y.Z', or a note that it is not installed (the model benches then run dsv3 only)."""
+    try:
+        import transformers
+    except ImportError:
+        return "transformers not installed"
+    return f"transformers {transformers.__version__}"

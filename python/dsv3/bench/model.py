@@ -35,7 +35,7 @@ from dsv3.infer import GenerationStats, Generator, SamplingParams
 from dsv3.model import ModelConfig, build_model, from_pretrained
 from dsv3.model.checkpoint import save_pretrained
 
-from .common import write_json
+from .common import transformers_version, write_json
 from .timing import time_side_by_side
 
 TARGET_GENERATE = 3.0  # SPEC §8: generation on the tiny preset >= 3x transformers' tokens/s
@@ -270,12 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = run_bench(
         args.preset, getattr(torch, args.dtype), args.batch, args.prompt_len, args.new_tokens, args.quick
     )
-    try:
-        import transformers
-
-        hf_version = f"transformers {transformers.__version__}"
-    except ImportError:
-        hf_version = "transformers not installed"
+    hf_version = transformers_version()
     print(
         f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {hf_version}, cpu, "
         f"{torch.get_num_threads()} threads, preset {args.preset}, {args.dtype}"

@@ -41,7 +41,7 @@ from dsv3.train.fp8_linear import enable_fp8_training
 from dsv3.train.optim import AdamW, param_groups
 from dsv3.train.trainer import TrainConfig, Trainer
 
-from .common import write_json
+from .common import transformers_version, write_json
 from .timing import time_side_by_side
 
 TARGET = 1.5  # SPEC §8: model train step on the tiny preset >= 1.5x transformers' fwd+bwd tokens/s
@@ -372,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be positive")
     t0 = time.perf_counter()
     rows, notes = run_bench(args.preset, args.batch, args.seq_len, args.quick)
-    try:
-        import transformers
-
-        hf_version = f"transformers {transformers.__version__}"
-    except ImportError:
-        hf_version = "transformers not installed"
+    hf_version = transformers_version()
     print(
         f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {hf_version}, cpu, "
         f"{torch.get_num_threads()} threads, preset {args.preset}"

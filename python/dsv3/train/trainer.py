@@ -218,6 +218,18 @@ class Trainer:
         out["total"] = main + cfg.mtp_lambda * out.get("mtp", 0.0) + aux
         return out
 
+    def _optimizer_step(self) -> float:
+        """Sets this step's learning rate, applies AdamW and clears the gradients; returns the rate."""
+        cfg = self.cfg
+        lr = lr_at(
+            self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, int(cfg.decay_start * cfg.steps)
+        )
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return lr
+
     def train_step(self) -> dict[str, float]:
         if self.dualpipe:
             return self._dualpipe_train_step()
@@ -246,13 +258,7 @@ class Trainer:
             grad_norm = float(ep_mod.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-        lr = lr_at(
-            self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, int(cfg.decay_start * cfg.steps)
-        )
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        lr = self._optimizer_step()
         balancing.update_router_bias(self.model, loads or [], cfg.bias_update_speed)
         self.step += 1
         tokens = cfg.global_batch * cfg.seq_len
@@ -301,13 +307,7 @@ class Trainer:
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef)
-        lr = lr_at(
-            self.step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, int(cfg.decay_start * cfg.steps)
-        )
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        lr = self._optimizer_step()
         # expert loads of each stage over the whole batch: this copy's plus the partner's copy
         mine = [torch.stack([m.load_accumulator for m in ms]) if ms else torch.zeros(0, 0) for ms in moes]
         flat = torch.cat([mine[0].flatten(), mine[1].flatten()])
