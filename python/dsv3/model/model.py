@@ -63,9 +63,6 @@ class DeepseekV3(nn.Module):
     def mtp(self) -> nn.Module | None:
         return self.model.layers[self.num_layers] if self.config.num_nextn_predict_layers else None
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary(positions)
-
     def hidden(
         self,
         input_ids: torch.Tensor,
@@ -76,7 +73,7 @@ class DeepseekV3(nn.Module):
         b, s = input_ids.shape
         if positions is None:
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers[: self.num_layers]:
             x = layer(x, cos, sin, cache)
@@ -106,7 +103,7 @@ class DeepseekV3(nn.Module):
         b, s = next_ids.shape
         if positions is None:
             positions = torch.arange(s, device=next_ids.device).expand(b, s)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rotary(positions)
         return self.mtp.predict(h, next_ids, cos, sin, cache)
 
     @torch.no_grad()
