@@ -28,6 +28,15 @@ def write_json(path: str | None, device: str, rows: list[dict]) -> None:
     print(f"results: {path}")
 
 
+def load_transformers():
+    """transformers' AutoModelForCausalLM, or None when transformers is not installed."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    return AutoModelForCausalLM
+
+
 def transformers_version() -> str:
     """'transformers X.Y.Z', or a note that it is not installed (the model benches then run dsv3 only)."""
     try:
@@ -35,3 +44,9 @@ def transformers_version() -> str:
     except ImportError:
         return "transformers not installed"
     return f"transformers {transformers.__version__}"
+
+
+def environment_line(*extra: str) -> str:
+    """The first line of the model benches' output: versions, device, threads, then `extra`."""
+    parts = [f"dsv3 {dsv3.__version__}", f"torch {torch.__version__}", transformers_version(), "cpu"]
+    return ", ".join([*parts, f"{torch.get_num_threads()} threads", *extra])

@@ -29,25 +29,15 @@ import time
 
 import torch
 
-import dsv3
 from dsv3 import ops
 from dsv3.infer import GenerationStats, Generator, SamplingParams
 from dsv3.model import ModelConfig, build_model, from_pretrained
 from dsv3.model.checkpoint import save_pretrained
 
-from .common import transformers_version, write_json
+from .common import environment_line, load_transformers, write_json
 from .timing import time_side_by_side
 
 TARGET_GENERATE = 3.0  # SPEC §8: generation on the tiny preset >= 3x transformers' tokens/s
-
-
-def load_transformers():
-    """transformers' AutoModelForCausalLM, or None when transformers is not installed."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        return None
-    return AutoModelForCausalLM
 
 
 def cache_bytes(cfg: ModelConfig) -> dict:
@@ -270,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = run_bench(
         args.preset, getattr(torch, args.dtype), args.batch, args.prompt_len, args.new_tokens, args.quick
     )
-    hf_version = transformers_version()
-    print(
-        f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {hf_version}, cpu, "
-        f"{torch.get_num_threads()} threads, preset {args.preset}, {args.dtype}"
-    )
+    print(environment_line(f"preset {args.preset}", args.dtype))
     print_table(rows, notes, args)
     print(f"({time.perf_counter() - t0:.0f} s)")
     write_json(args.json, "cpu", rows)

@@ -34,14 +34,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-import dsv3
 from dsv3.model import ModelConfig, build_model
 from dsv3.model.checkpoint import save_pretrained
 from dsv3.train.fp8_linear import enable_fp8_training
 from dsv3.train.optim import AdamW, param_groups
 from dsv3.train.trainer import TrainConfig, Trainer
 
-from .common import transformers_version, write_json
+from .common import environment_line, load_transformers, write_json
 from .timing import time_side_by_side
 
 TARGET = 1.5  # SPEC §8: model train step on the tiny preset >= 1.5x transformers' fwd+bwd tokens/s
@@ -68,15 +67,6 @@ PAIRS = (
     ("dsv3_bf16", "transformers_fp32"),
     ("dsv3_fp8", "transformers_fp32"),
 )
-
-
-def load_transformers():
-    """transformers' AutoModelForCausalLM, or None when transformers is not installed."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        return None
-    return AutoModelForCausalLM
 
 
 class Dsv3Side:
@@ -372,11 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be positive")
     t0 = time.perf_counter()
     rows, notes = run_bench(args.preset, args.batch, args.seq_len, args.quick)
-    hf_version = transformers_version()
-    print(
-        f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {hf_version}, cpu, "
-        f"{torch.get_num_threads()} threads, preset {args.preset}"
-    )
+    print(environment_line(f"preset {args.preset}"))
     print_table(rows, notes, args)
     print(f"({time.perf_counter() - t0:.0f} s)")
     write_json(args.json, "cpu", rows)
