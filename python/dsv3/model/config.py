@@ -138,6 +138,20 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def _yarn(factor: float, original_max_position_embeddings: int) -> dict[str, Any]:
+    """DeepSeek-V3's YaRN settings (beta 32/1, mscale = mscale_all_dim = 1) for a context-extension factor."""
+    return dict(
+        type="yarn",
+        rope_type="yarn",
+        factor=factor,
+        original_max_position_embeddings=original_max_position_embeddings,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Every V3 feature at a size that trains on 2 CPU cores in minutes: q_lora, MLA with a 64-dim latent, one
     # dense layer then MoE layers, 8 routed experts in 2 groups (1 group kept per token, 2 experts from it),
@@ -164,31 +178,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_nextn_predict_layers=1,
         max_position_embeddings=1024,
         initializer_range=0.006,
-        rope_scaling=dict(
-            type="yarn",
-            rope_type="yarn",
-            factor=4.0,
-            original_max_position_embeddings=256,
-            beta_fast=32.0,
-            beta_slow=1.0,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-        ),
+        rope_scaling=_yarn(factor=4.0, original_max_position_embeddings=256),
     ),
     # DeepSeek-V3 / R1 (671B total, 37B active).
     "v3-671b": dict(
         vocab_size=129280,
         max_position_embeddings=163840,
-        rope_scaling=dict(
-            type="yarn",
-            rope_type="yarn",
-            factor=40.0,
-            original_max_position_embeddings=4096,
-            beta_fast=32.0,
-            beta_slow=1.0,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-        ),
+        rope_scaling=_yarn(factor=40.0, original_max_position_embeddings=4096),
         quantization_config=dict(
             activation_scheme="dynamic", fmt="e4m3", quant_method="fp8", weight_block_size=[128, 128]
         ),
