@@ -115,4 +115,11 @@ if has_bench_main; then
 else
   note "dsv3.bench has no __main__: GEMM timings skipped"
 fi
+# Intranode EP (nvlink backend vs torch/NCCL): needs 2, 4 or 8 GPUs; its correctness tests ran in pytest_cuda.
+num_gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$num_gpus" -ge 2 ]; then
+  step bench_ep_nvlink 90 "$py" benchmarks/ep_gpu_bench.py --iters 10 --json "$results/ep_gpu_bench.json" || true
+else
+  note "fewer than 2 GPUs ($num_gpus): EP nvlink benchmark skipped"
+fi
 finish

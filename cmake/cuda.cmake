@@ -71,6 +71,10 @@ set(DSV3_CUDA_SOURCES
     csrc/cuda/mla_decode.cu
     csrc/cuda/mla_decode_host.cpp
     csrc/cuda/moe_route.cu
-    csrc/cuda/moe_route_host.cpp)
+    csrc/cuda/moe_route_host.cpp
+    csrc/cuda/ep_intranode.cu
+    csrc/cuda/ep_intranode_host.cpp
+    csrc/cuda/ep_layout.cu
+    csrc/cuda/ep_layout_host.cpp)
 set(DSV3_WITH_CUDA ON)
 message(STATUS "dsv3: CUDA kernels enabled: nvcc ${DSV3_NVCC_VERSION}, archs ${DSV3_CUDA_ARCHS_STR}")

@@ -3,7 +3,7 @@ every kernel against RULES: the instructions it must contain (the fp8 conversion
 ones it must not (local memory: LDL/STL), and its registers/stack/local memory from `cuobjdump -res-usage`.
 Every kernel must match a rule, so a new kernel fails the audit until it gets one.
 
-    python tools/sass_audit.py [path/to/_C*.so] [--json FILE]
+    python tools/sass_audit.py [path/to/_C*.so ...] [--json FILE]
 
 Exit status: 0 every kernel passes; 1 a kernel fails or matches no rule; 2 nothing to audit (no CUDA code
 in the library, or cuobjdump / c++filt missing). Pure standard library: runs without importing torch.
@@ -57,6 +57,27 @@ MLA_DECODE_MAX_REGISTERS = 255
 # for non-finite rows. ptxas (nvcc 13.0): 32..193 registers from 1 to 32 values per lane, no spills.
 WARP_BROADCAST, WARP_VOTE = r"^SHFL\.IDX", r"^VOTE\.ANY"
 ROUTE_MAX_REGISTERS = 200
+# Low-latency EP kernels on NVSHMEM (csrc/cuda/ep_nvshmem/ll_kernels.cu, in dsv3._C_nvshmem): row copies with
+# 16-byte accesses, warp-reduced counts (REDUX.SUM of __reduce_add_sync), no spills. The send kernels call
+# NVSHMEM's transport entry points (put + signal, p), real ABI calls whose frames are their only stack;
+# ptxas (nvcc 13.0, NVSHMEM 3.4.5): 54..112 registers, 368 bytes of call stack, no local memory.
+WARP_SUM = r"^REDUX\.SUM"
+# A call passes its stack arguments at the stack pointer ("STL [R1], Rn" right before CALL): not a spill.
+LOCAL_MEMORY_BUT_CALL_ARGS = (r"^LDL\b", r"^STL(\.\d+)? (?!\[R1\], )")
+LL_MAX_REGISTERS, LL_CALL_STACK = 128, 512
+# EP dispatch layout (csrc/cuda/ep_layout.cu): per-thread counts in shared memory summed after CTA barriers,
+# outputs written once, so no global reductions (RED). ptxas (nvcc 13.0): 40 registers, no spills.
+GLOBAL_REDUCTION = r"^RED\."
+EP_LAYOUT_MAX_REGISTERS = 64
+# Intranode EP kernels over CUDA IPC (csrc/cuda/ep_intranode.cu): queue flags are system-scope acquire loads
+# (LDG.E.STRONG.SYS, then CCTL.IVALL) and release stores (MEMBAR.ALL.SYS, then STG.E.STRONG.SYS), barrier
+# arrivals system-scope reductions; rows move as 16-byte loads (read-only inputs .CONSTANT, peer-written queue
+# slots L2-only .STRONG.GPU) and 16-byte stores; a timed-out wait traps (BPT.TRAP). __launch_bounds__(768, 1)
+# caps dispatch/combine at 80 registers; ptxas (nvcc 13.0): 60 (dispatch), 66..80 (combine), <= 32 otherwise.
+SYS_ACQUIRE, SYS_RELEASE, SYS_FENCE = r"^LDG\.E\.STRONG\.SYS", r"^STG\.E\.STRONG\.SYS", r"^MEMBAR\.ALL\.SYS"
+SYS_REDUCTION, TRAP = r"^REDG\.E\.ADD\.S32\.STRONG\.SYS", r"^BPT\.TRAP"
+LOAD_16B_NC, LOAD_16B_L2 = r"^LDG\.E\.128\.CONSTANT", r"^LDG\.E\.128\.STRONG\.GPU"
+EP_NVL_MAX_REGISTERS, EP_NVL_SYNC_MAX_REGISTERS = 80, 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +170,71 @@ RULES: list[Rule] = [
         require=(WARP_REDUCE, WARP_BROADCAST, WARP_VOTE),
         max_registers=ROUTE_MAX_REGISTERS,
     ),
+    Rule(
+        "ep low-latency dispatch send, fp8: 1x128 cast (half-warp amax, e4m3 pack), NVSHMEM put + signal",
+        r"::ll::ll_dispatch_send_kernel<true>",
+        require=(E4M3_PACK, LOAD_16B, WARP_REDUCE, WARP_SUM),
+        forbid=LOCAL_MEMORY_BUT_CALL_ARGS,
+        max_registers=LL_MAX_REGISTERS,
+        max_stack=LL_CALL_STACK,
+    ),
+    Rule(
+        "ep low-latency dispatch send, bf16: 16-byte row staging, NVSHMEM put + signal",
+        r"::ll::ll_dispatch_send_kernel<false>",
+        require=(LOAD_16B, STORE_16B, WARP_SUM),
+        forbid=(*LOCAL_MEMORY_BUT_CALL_ARGS, E4M3_PACK),
+        max_registers=LL_MAX_REGISTERS,
+        max_stack=LL_CALL_STACK,
+    ),
+    Rule(
+        "ep low-latency dispatch recv: bounded waits, rows packed per (expert, source) with 16-byte copies",
+        r"::ll::ll_dispatch_recv_kernel<(true|false)>",
+        require=(LOAD_16B, STORE_16B, CTA_BARRIER),
+        max_registers=LL_MAX_REGISTERS,
+    ),
+    Rule(
+        "ep low-latency combine send: 16-byte row staging, NVSHMEM put + signal",
+        r"::ll::ll_combine_send_kernel$",
+        require=(LOAD_16B, STORE_16B),
+        forbid=LOCAL_MEMORY_BUT_CALL_ARGS,
+        max_registers=LL_MAX_REGISTERS,
+        max_stack=LL_CALL_STACK,
+    ),
+    Rule(
+        "ep low-latency combine recv: fp32 weighted sum in k order, one bf16 cast, 16-byte rows",
+        r"::ll::ll_combine_recv_kernel$",
+        require=(LOAD_16B, STORE_16B, WARP_SUM),
+        max_registers=LL_MAX_REGISTERS,
+    ),
+    # Relocatable device code (dsv3._C_nvshmem) keeps callees as functions of their own: NVSHMEM's transport
+    # entry points (its code, not audited for content) and nvcc's division slow path.
+    Rule(
+        "ep intranode dispatch: IPC queues, sys-scope acquire/release flags, 16-byte row copies",
+        r"::dispatch_kernel<[248]>$",
+        require=(SYS_ACQUIRE, SYS_RELEASE, SYS_FENCE, LOAD_16B_NC, LOAD_16B_L2, STORE_16B, CTA_BARRIER, TRAP),
+        max_registers=EP_NVL_MAX_REGISTERS,
+    ),
+    Rule(
+        "ep intranode combine: IPC queues, sys-scope flags, fp32 sums of 16-byte bf16 rows",
+        r"::combine_kernel<[248]>$",
+        require=(SYS_ACQUIRE, SYS_RELEASE, SYS_FENCE, LOAD_16B_NC, LOAD_16B_L2, STORE_16B, CTA_BARRIER, TRAP),
+        max_registers=EP_NVL_MAX_REGISTERS,
+    ),
+    Rule(
+        "ep intranode notify / queue reset / barrier: sys-scope arrivals and flags",
+        r"::(notify_dispatch|reset_queues|barrier)_kernel<[248]>$",
+        require=(SYS_REDUCTION, SYS_ACQUIRE, SYS_RELEASE, SYS_FENCE, CTA_BARRIER, TRAP),
+        max_registers=EP_NVL_SYNC_MAX_REGISTERS,
+    ),
+    Rule("NVSHMEM device library: transport entry points", r"^nvshmemi_transfer_\w+<", forbid=()),
+    Rule("nvcc runtime: fp32 division slow path", r"^__cuda_sm3x_div_rn_noftz_f32_slowpath$"),
+    Rule(
+        "ep dispatch layout: shared-memory per-thread counts, one write per output",
+        r"::ep_dispatch_layout_kernel<(int|long)>",
+        require=(CTA_BARRIER,),
+        forbid=(*LOCAL_MEMORY, GLOBAL_REDUCTION),
+        max_registers=EP_LAYOUT_MAX_REGISTERS,
+    ),
 ]
 
 # ---- locating the tools and the library
@@ -169,15 +255,16 @@ def find_cuobjdump() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK) and Path(c).is_file()), None)
 
 
-def find_library() -> Path:
-    """dsv3/_C*.so of the importable dsv3 package, found without importing dsv3 (and so torch)."""
+def find_libraries() -> list[Path]:
+    """Every dsv3/_C*.so (dsv3._C, and dsv3._C_nvshmem when built) of the importable dsv3 package, found
+    without importing dsv3 (and so torch)."""
     spec = importlib.util.find_spec("dsv3")
     if spec is None or not spec.submodule_search_locations:
         raise AuditError("dsv3 is not importable here; pass the library path (e.g. build/.../_C*.so)")
     for location in spec.submodule_search_locations:
         found = sorted(Path(location).glob("_C*.so"))
         if found:
-            return found[0]
+            return found
     raise AuditError(
         f"no _C*.so next to dsv3 in {list(spec.submodule_search_locations)}; pass the library path"
     )
@@ -390,34 +477,49 @@ def format_table(verdicts: list[Verdict]) -> str:
     return "\n".join(lines)
 
 
+def audit_library(cuobjdump: str, library: Path) -> list[Verdict]:
+    if not library.is_file():
+        raise AuditError(f"{library} does not exist")
+    sass, res_usage = disassemble(cuobjdump, library)
+    mangled = sorted({k.mangled for k in parse_sass(sass)})
+    if not mangled:
+        raise AuditError(f"{library} has no SASS kernels (PTX only, or no CUDA code)")
+    return audit(sass, res_usage, RULES, demangle(mangled))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("library", nargs="?", type=Path, help="the dsv3 extension (default: dsv3/_C*.so)")
+    parser.add_argument(
+        "libraries", nargs="*", type=Path, help="dsv3 extensions to audit (default: every dsv3/_C*.so)"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     try:
-        library = args.library or find_library()
-        if not library.is_file():
-            raise AuditError(f"{library} does not exist")
+        libraries = args.libraries or find_libraries()
         cuobjdump = find_cuobjdump()
         if cuobjdump is None:
             raise AuditError("cuobjdump not found: set CUOBJDUMP, put it on PATH, or install triton")
-        sass, res_usage = disassemble(cuobjdump, library)
-        mangled = sorted({k.mangled for k in parse_sass(sass)})
-        if not mangled:
-            raise AuditError(f"{library} has no SASS kernels (PTX only, or no CUDA code)")
-        verdicts = audit(sass, res_usage, RULES, demangle(mangled))
+        per_library = [(library, audit_library(cuobjdump, library)) for library in libraries]
     except AuditError as err:
         print(f"sass_audit: {err}", file=sys.stderr)
         return 2
-    print(f"{library} ({cuobjdump})")
-    print(format_table(verdicts))
+    for library, verdicts in per_library:
+        print(f"{library} ({cuobjdump})")
+        print(format_table(verdicts))
+    verdicts = [v for _, lib_verdicts in per_library for v in lib_verdicts]
     failed = [v for v in verdicts if not v.ok]
     if args.json:
-        summary = {"library": str(library), "kernels": len(verdicts), "failed": len(failed)}
-        args.json.write_text(
-            json.dumps({**summary, "results": [v.as_dict() for v in verdicts]}, indent=2) + "\n"
-        )
+        results = [
+            {"library": str(library), **v.as_dict()}
+            for library, lib_verdicts in per_library
+            for v in lib_verdicts
+        ]
+        summary = {
+            "libraries": [str(lib) for lib in libraries],
+            "kernels": len(verdicts),
+            "failed": len(failed),
+        }
+        args.json.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     print(f"{len(verdicts) - len(failed)}/{len(verdicts)} kernels pass")
     for v in failed:
         if v.rule is None:
