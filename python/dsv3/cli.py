@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench = sub.add_parser(
         "bench",
-        help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route,model,train} [--help]",
+        help="microbenchmarks: dsv3 bench {gemm,grouped,quant,mla,route,model,train,ep} [--help]",
         add_help=False,
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,6 +1,7 @@
-"""The trainer with expert parallelism: 2 gloo ranks, each holding half of the tiny preset's routed experts,
-against one process on the same global batch (bf16): the same loss per step, the same weights after the
-steps (experts gathered), per-rank checkpoints that resume, and an HF export of the whole model."""
+"""The trainer with expert parallelism: 2 and 4 gloo ranks, each holding its block of the tiny preset's
+routed experts, through dsv3.ep.Buffer (and the pair all-to-all of dsv3.model.ep), against one process on the
+same global batch (bf16): the same loss per step, the same weights after the steps (experts gathered),
+per-rank checkpoints that resume, and an HF export of the whole model."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from helpers import quiet, tiny_train_config
 from safetensors.torch import load_file, save_file
 
+from dsv3.ep.dispatcher import BufferDispatcher
 from dsv3.model import from_pretrained
 from dsv3.model.ep import AllToAllDispatcher, gather_expert_state_dict
 from dsv3.train.trainer import TrainConfig, Trainer
@@ -30,22 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ep_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
+def _ep_worker(rank: int, world: int, port: int, out: str, cache: str, backend: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(DSV3_CACHE_DIR=cache, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
-        t = Trainer(small(), out, log=quiet)
-        assert t.expert_parallel and t.model.model.layers[1].mlp.experts.expert_ids.tolist() == (
-            [0, 1, 2, 3] if rank == 0 else [4, 5, 6, 7]
+        t = Trainer(small(ep_backend=backend, micro_batch=4 // (2 * world) or 1), out, log=quiet)
+        per = 8 // world
+        assert t.expert_parallel and t.model.model.layers[1].mlp.experts.expert_ids.tolist() == list(
+            range(rank * per, (rank + 1) * per)
         )
-        assert isinstance(t.model.model.layers[1].mlp.dispatcher, AllToAllDispatcher)
+        kind = BufferDispatcher if backend == "buffer" else AllToAllDispatcher
+        assert isinstance(t.model.model.layers[1].mlp.dispatcher, kind)
         steps = [t.train_step() for _ in range(2)]
         t.save_checkpoint()
         full = gather_expert_state_dict(t.model)
-        resumed = Trainer(small(), out, resume=True, log=quiet)
+        resumed = Trainer(
+            small(ep_backend=backend, micro_batch=4 // (2 * world) or 1), out, resume=True, log=quiet
+        )
         a, b = t.model.state_dict(), resumed.model.state_dict()
         same = resumed.step == 2 and all(torch.equal(a[k], b[k]) for k in a)
         t.export()
@@ -57,16 +63,23 @@ def _ep_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_rank_expert_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "world,backend",
+    [(2, "buffer"), (2, "alltoall"), (4, "buffer")],
+    ids=["2-buffer", "2-alltoall", "4-buffer"],
+)
+def test_expert_parallel_matches_one_process(tmp_path, world, backend):
     cache = os.environ["DSV3_CACHE_DIR"]
     torch.set_num_threads(1)
-    single = Trainer(small(), tmp_path / "one", log=quiet)
+    single = Trainer(small(micro_batch=4 // (2 * world) or 1), tmp_path / "one", log=quiet)
     assert not single.expert_parallel  # one process: EP is a no-op
     steps = [single.train_step() for _ in range(2)]
 
     ctx = mp.get_context("spawn")
     port, out = _free_port(), tmp_path / "ep"
-    procs = [ctx.Process(target=_ep_worker, args=(r, 2, port, str(out), cache)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_ep_worker, args=(r, world, port, str(out), cache, backend)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -76,7 +89,7 @@ def test_two_rank_expert_parallel_matches_one_process(tmp_path):
         p.kill()
     assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-    for rank in (0, 1):
+    for rank in range(world):
         res = json.loads((out / f"rank{rank}.json").read_text())
         assert [m["loss"] for m in res["steps"]] == pytest.approx([m["loss"] for m in steps], rel=1e-5)
         # the clipping norm over the whole model (expert gradients summed over ranks); bf16 noise aside

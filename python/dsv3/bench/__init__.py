@@ -12,6 +12,7 @@ FAMILIES = {
     "route": "dsv3.bench.route",
     "model": "dsv3.bench.model",
     "train": "dsv3.bench.train",
+    "ep": "dsv3.bench.ep",
 }
 
 

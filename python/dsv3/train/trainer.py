@@ -59,9 +59,12 @@ class TrainConfig:
     keep_last: int = 2
     samples: int = 3  # continuations printed at the end
     sample_tokens: int = 48
-    # Expert parallelism (world > 1): rank r holds routed experts [r·E/R, (r+1)·E/R) and MoE layers exchange
-    # tokens all-to-all (dsv3.model.ep); the other parameters stay data parallel.
+    # Expert parallelism (world > 1): rank r holds routed experts [r·E/R, (r+1)·E/R) and the MoE layers send
+    # tokens to them; the other parameters stay data parallel. ep_backend "buffer": dsv3.ep.Buffer's
+    # dispatch/combine (each token once per rank); "alltoall": the (token, expert)-pair all-to-all of
+    # dsv3.model.ep.
     expert_parallel: bool = False
+    ep_backend: str = "buffer"
     # Pipeline parallelism: "none" or "dualpipe" (dsv3.train.dualpipe). With "dualpipe" all ranks (an even
     # number >= 2) form one pipeline and there is no data parallelism: rank r trains stages r and P-1-r of
     # the model, ranks 0 and P-1 feed the whole global batch cut into global_batch / micro_batch micro-batches
@@ -82,6 +85,10 @@ class TrainConfig:
         need(self.warmup_steps >= 1, "warmup_steps must be >= 1")
         need(0 <= self.decay_start <= 1, "decay_start must be a fraction in [0, 1]")
         # -- DualPipe: the checks that do not depend on the world (Trainer checks the ranks)
+        need(
+            self.ep_backend in ("buffer", "alltoall"),
+            f"ep_backend must be buffer|alltoall, got {self.ep_backend!r}",
+        )
         need(self.pipeline in ("none", "dualpipe"), f"pipeline must be none|dualpipe, got {self.pipeline!r}")
         if self.pipeline == "dualpipe":
             need(not self.expert_parallel, "pipeline='dualpipe' is incompatible with expert_parallel")
@@ -168,7 +175,13 @@ class Trainer:
             from .fp8_linear import enable_fp8_training
 
             enable_fp8_training(self.model)
-        if self.expert_parallel:
+        if self.expert_parallel and cfg.ep_backend == "buffer":
+            from ..ep import Buffer
+            from ..ep.dispatcher import enable_buffer_expert_parallel
+
+            self.ep_buffer = Buffer()
+            enable_buffer_expert_parallel(self.model, self.ep_buffer)
+        elif self.expert_parallel:
             ep_mod.enable_expert_parallel(self.model)
         # -- end expert parallelism
         # -- DualPipe: rank r keeps deep copies of stages r and P-1-r of the same seeded model (the MTP layer

@@ -1,0 +1,15 @@
+"""The EP benchmark runs its three exchanges on 2 gloo processes, checks they agree (the workers assert equal
+rows and combines) and writes one row per op."""
+
+import json
+
+from dsv3.bench import ep
+
+
+def test_ep_bench_writes_rows(tmp_path):
+    path = tmp_path / "ep.json"
+    argv = ["--ranks", "2", "--tokens", "24", "--hidden", "256", "--experts", "16", "--rounds", "1"]
+    assert ep.main([*argv, "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["ranks"], r["op"]) for r in rows] == [(2, "dispatch"), (2, "combine")]
+    assert all(r["dsv3_ms"] > 0 and r["x_per_token"] > 0 and r["bytes_per_rank"] > 0 for r in rows)
