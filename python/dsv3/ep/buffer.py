@@ -157,8 +157,8 @@ class Buffer:
             return
         nccl = "nccl" in str(dist.get_backend(self.group)).lower()
         wants_nvlink = backend == "nvlink" or (
-            backend == "auto" and nccl and self.num_nvl_bytes > 0 and self.group_size <= NUM_MAX_NVL_PEERS
-        )
+            backend == "auto" and nccl and self.num_nvl_bytes > 0 and self.group_size in (2, 4, 8)
+        )  # the intranode kernels are instantiated for 2, 4 and 8 ranks
         wants_nvshmem = backend == "nvshmem" or (
             backend == "auto"
             and nccl
