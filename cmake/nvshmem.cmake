@@ -1,4 +1,4 @@
-# dsv3._C_nvshmem: the low-latency EP kernels (csrc/cuda/ep_nvshmem/) on NVSHMEM, a module of its own so
+# dsv3._C_nvshmem: the low-latency and internode EP kernels (csrc/cuda/ep_nvshmem/) on NVSHMEM, a module of its own so
 # dsv3._C never depends on libnvshmem_host. Built only with the CUDA kernels and when NVSHMEM is found:
 # NVSHMEM_DIR / NVSHMEM_HOME (cache or environment), else the `nvidia-nvshmem-cu13` wheel of the build's Python.
 # NVSHMEM device code needs relocatable device code and a device link against libnvshmem_device.a.
@@ -35,7 +35,7 @@ list(GET _host_libs 0 DSV3_NVSHMEM_HOST_LIB)
 set(DSV3_NVSHMEM_LIB_DIR "${DSV3_NVSHMEM_ROOT}/lib")
 message(STATUS "dsv3: NVSHMEM at ${DSV3_NVSHMEM_ROOT}: building dsv3._C_nvshmem")
 
-add_library(dsv3_nvshmem_kernels STATIC csrc/cuda/ep_nvshmem/ll_kernels.cu)
+add_library(dsv3_nvshmem_kernels STATIC csrc/cuda/ep_nvshmem/ll_kernels.cu csrc/cuda/ep_nvshmem/internode.cu)
 target_include_directories(dsv3_nvshmem_kernels PRIVATE csrc/include "${DSV3_NVSHMEM_ROOT}/include")
 target_link_libraries(dsv3_nvshmem_kernels PRIVATE "${DSV3_NVSHMEM_LIB_DIR}/libnvshmem_device.a")
 set_target_properties(dsv3_nvshmem_kernels PROPERTIES

@@ -65,6 +65,16 @@ WARP_SUM = r"^REDUX\.SUM"
 # A call passes its stack arguments at the stack pointer ("STL [R1], Rn" right before CALL): not a spill.
 LOCAL_MEMORY_BUT_CALL_ARGS = (r"^LDL\b", r"^STL(\.\d+)? (?!\[R1\], )")
 LL_MAX_REGISTERS, LL_CALL_STACK = 128, 512
+# Internode EP kernels on NVSHMEM (csrc/cuda/ep_nvshmem/internode.cu, in dsv3._C_nvshmem): queue flags,
+# heads and barrier words are 64-bit system-scope acquire loads (LDG.E.64.STRONG.SYS); rows move as 16-byte
+# loads and stores; NVSHMEM's P2P puts and signal adds are inlined (system-scope 64-bit atomics), its remote
+# transport entry points are calls whose frames are the only stack (the same call-argument STL as the
+# low-latency kernels). A timed-out wait calls `fail` (flag store, trap). __launch_bounds__(512, 1) caps
+# dispatch/combine at 128 registers; ptxas (nvcc 13.0, NVSHMEM 3.4.5): 70 (dispatch), 88 (combine), <= 72
+# otherwise.
+SYS_ACQUIRE_64, BF16_PACK = r"^LDG\.E\.64\.STRONG\.SYS", r"^F2FP\.BF16\.F32\.PACK_AB"
+SYS_STORE = r"^ST(G)?\.E\.STRONG\.SYS"
+EP_INTERNODE_MAX_REGISTERS, EP_INTERNODE_CALL_STACK = 128, 512
 # EP dispatch layout (csrc/cuda/ep_layout.cu): per-thread counts in shared memory summed after CTA barriers,
 # outputs written once, so no global reductions (RED). ptxas (nvcc 13.0): 40 registers, no spills.
 GLOBAL_REDUCTION = r"^RED\."
@@ -225,6 +235,41 @@ RULES: list[Rule] = [
         r"::(notify_dispatch|reset_queues|barrier)_kernel<[248]>$",
         require=(SYS_REDUCTION, SYS_ACQUIRE, SYS_RELEASE, SYS_FENCE, CTA_BARRIER, TRAP),
         max_registers=EP_NVL_SYNC_MAX_REGISTERS,
+    ),
+    Rule(
+        "ep internode dispatch: RDMA send / forward / NVLink receive queues, acquire-loaded flags, 16-B rows",
+        r"::internode::internode_dispatch_kernel$",
+        require=(SYS_ACQUIRE_64, LOAD_16B, STORE_16B, CTA_BARRIER, WARP_VOTE),
+        forbid=LOCAL_MEMORY_BUT_CALL_ARGS,
+        max_registers=EP_INTERNODE_MAX_REGISTERS,
+        max_stack=EP_INTERNODE_CALL_STACK,
+    ),
+    Rule(
+        "ep internode combine: fp32 sums of 16-byte bf16 rows, one bf16 cast per hop, acquire-loaded flags",
+        r"::internode::internode_combine_kernel$",
+        require=(SYS_ACQUIRE_64, LOAD_16B, STORE_16B, BF16_PACK, CTA_BARRIER),
+        forbid=LOCAL_MEMORY_BUT_CALL_ARGS,
+        max_registers=EP_INTERNODE_MAX_REGISTERS,
+        max_stack=EP_INTERNODE_CALL_STACK,
+    ),
+    Rule(
+        "ep internode notify / sync: barrier rounds and count records, system-scope acquire loads",
+        r"::internode::internode_(notify|sync)_kernel$",
+        require=(SYS_ACQUIRE_64, CTA_BARRIER),
+        forbid=LOCAL_MEMORY_BUT_CALL_ARGS,
+        max_registers=EP_NVL_SYNC_MAX_REGISTERS,
+        max_stack=EP_INTERNODE_CALL_STACK,
+    ),
+    Rule(
+        "ep internode channel prefix: warp-reduced channel counts, serial prefix",
+        r"::internode::internode_channel_prefix_kernel$",
+        require=(WARP_SUM, CTA_BARRIER),
+        max_registers=EP_LAYOUT_MAX_REGISTERS * 2,
+    ),
+    Rule(
+        "ep internode: timeout report (system-scope flag store, trap)",
+        r"::internode::fail$",
+        require=(SYS_STORE, TRAP),
     ),
     Rule("NVSHMEM device library: transport entry points", r"^nvshmemi_transfer_\w+<", forbid=()),
     Rule("nvcc runtime: fp32 division slow path", r"^__cuda_sm3x_div_rn_noftz_f32_slowpath$"),

@@ -88,8 +88,9 @@ def test_nvl_hint_scale_and_monotonicity():
 def test_rdma_hint():
     for r in [1, 2, 4, 8]:
         assert Config().get_rdma_buffer_size_hint(14336, r) == 0
-    # DeepEP's formula (its 1.2.1 value for EP16 with this config)
-    assert Config(20, 36, 288, 20, 128).get_rdma_buffer_size_hint(14336, 16) == 91_887_744
+    # the nvshmem backend's internode layout total (its NVLink queues included, so larger than DeepEP's
+    # 91,887,744 for this config; tests/ep/test_internode_layout.py checks it against the C++ layout)
+    assert Config(20, 36, 288, 20, 128).get_rdma_buffer_size_hint(14336, 16) == 433_378_816
     c = Config()
     assert c.get_rdma_buffer_size_hint(14336, 32) > c.get_rdma_buffer_size_hint(14336, 16) > 0
     assert c.get_rdma_buffer_size_hint(14336, 16) % 128 == 0

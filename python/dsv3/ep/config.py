@@ -22,9 +22,6 @@ NUM_MAX_NVL_PEERS = 8
 NUM_MAX_TOPK = 32
 NUM_MAX_SCALES = 128
 NUM_MAX_LOCAL_EXPERTS = 1024
-# RDMA hint only (nvshmem backend): DeepEP's top-k/scale bounds and its 8-byte source metadata.
-_RDMA_MAX_TOPK = 128
-_RDMA_SOURCE_META_BYTES = 8
 
 NVL_BARRIER_INTS = 16  # signals [8] (one per source rank) + this rank's barrier epoch, padded to 64 B
 NVL_QUEUE_CTRL_INTS = 4  # per (channel, source) queue: head, tail, encoded start and end offsets
@@ -162,27 +159,27 @@ class Config:
         return layout["total"][1]
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of the per-rank RDMA buffer (0 within one node): per (channel, node) a send and a receive
-        queue of `num_max_rdma_chunked_recv_tokens` slots (row, source metadata, top-k, scales, a 16-byte
-        tail word) plus head/tail counters, DeepEP's formula."""
+        """Bytes of the per-rank NVSHMEM buffer of the internode kernels (0 within one node): the layout of
+        csrc/include/dsv3/ep/internode_layout.h (`dsv3.ep.backends.nvshmem.internode_layout`) for this
+        config's channels and RDMA / NVLink queue capacities, with records of `hidden_bytes`-byte rows at any
+        top-k <= 32 and scales <= 128 (the NVLink queues live in the same symmetric buffer)."""
+        from .backends.nvshmem import internode_dispatch_record_bytes, internode_layout
+
         hidden_bytes = _check_int("hidden_bytes", hidden_bytes, 1)
         num_ranks = _check_int("num_ranks", num_ranks, 1)
         if num_ranks <= NUM_MAX_NVL_PEERS:
             return 0
         if num_ranks % NUM_MAX_NVL_PEERS:
             raise ValueError(f"num_ranks must be <= 8 or a multiple of 8, got {num_ranks}")
-        queues = self.num_channels * (num_ranks // NUM_MAX_NVL_PEERS)
-        slots = queues * self.num_max_rdma_chunked_recv_tokens
-        per_slot = (
-            hidden_bytes
-            + _RDMA_SOURCE_META_BYTES
-            + _RDMA_MAX_TOPK * 8
-            + _RDMA_MAX_TOPK * 4
-            + NUM_MAX_SCALES * 4
-            + 16
+        slot_bytes = internode_dispatch_record_bytes(_align(hidden_bytes, 16), NUM_MAX_TOPK, NUM_MAX_SCALES)
+        layout = internode_layout(
+            num_ranks,
+            self.num_channels,
+            self.num_max_rdma_chunked_recv_tokens,
+            self.num_max_nvl_chunked_recv_tokens,
+            slot_bytes,
         )
-        num_bytes = queues * (NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4 + slots * per_slot * 2
-        return _align(num_bytes, 128)
+        return layout["total_bytes"]
 
 
 # ---- defaults per number of ranks ----------------------------------------------------------------------

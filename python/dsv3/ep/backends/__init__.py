@@ -44,7 +44,48 @@ Normal (intranode handle) mode
   sum over destination ranks r ascending with is_token_in_rank[t, r] of float(x row of t at r)); no top-k
   weighting. combined_topk_weights: the same fp32 sum of topk_weights rows.
 
-Internode (nvshmem only; R = 8 * nodes) — DeepEP's 10-tuple handle; see backends/nvshmem.py.
+Internode (nvshmem only; R = 8 * nodes, N = R / 8 nodes, rank = node * 8 + local) — DeepEP's 10-tuple handle
+---------------------------------------------------------------------------------------------------------------
+    internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                       is_token_in_rank, num_tokens_per_expert, cached_num_recv_tokens,
+                       cached_num_rdma_recv_tokens, cached_rdma_channel_prefix_matrix,
+                       cached_recv_rdma_rank_prefix_sum, cached_gbl_channel_prefix_matrix,
+                       cached_recv_gbl_rank_prefix_sum, expert_alignment, num_worst_tokens, config)
+      -> (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+          rdma_channel_prefix_matrix, gbl_channel_prefix_matrix, recv_rdma_channel_prefix_matrix,
+          recv_rdma_rank_prefix_sum, recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum, recv_src_meta,
+          send_rdma_head, send_nvl_head)
+
+  A token crosses RDMA once per destination node, to the rank with the sender's local index there, which
+  forwards it over NVLink. x, x_scales, topk_*, recv_* rows, num_worst_tokens as in intranode mode; every rank
+  passes the same hidden size, dtype, k and scale count. Cached mode: topk_* and the counts are None and the
+  cached_* values come from a previous dispatch's handle (its slots 1, 4, 2, 6 and the received row counts);
+  only recv_x and recv_x_scales are returned, the rest None / [].
+  rdma_channel_prefix_matrix [N, C] / gbl_channel_prefix_matrix [R, C] (sender side): tokens of this rank's
+      channels 0..c going to node m (any of its ranks) / to rank r, inclusive.
+  recv_rdma_rank_prefix_sum [N]: tokens received by RDMA from (node m, this local index), inclusive over m.
+  recv_rdma_channel_prefix_matrix [N, C]: of those from node m, the ones of channels 0..c (inclusive).
+  recv_gbl_rank_prefix_sum [R]: rows this rank receives from ranks 0..s (inclusive).
+  recv_gbl_channel_prefix_matrix [R, C]: the END row (exclusive) of source s's channel-c block here (blocks
+      ordered by source, then channel; a block starts where the previous one ends).
+  recv_src_meta [num_recv, 8] uint8: int32 source rank, int32 is-in-rank bits of this rank's node.
+  send_rdma_head [n, N]: position of token t in its channel's RDMA stream to node m, -1 if not sent there.
+  send_nvl_head [num_rdma_recv, 8]: position of RDMA-received token i in the forwarder's NVLink stream to
+      local rank j, -1 if j does not get it. Rows: num_rdma_recv = recv_rdma_rank_prefix_sum[-1]
+      (num_worst_tokens with num_worst_tokens > 0).
+
+    internode_combine(x, topk_weights, bias_0, bias_1, src_meta, is_combined_token_in_rank,
+                      rdma_channel_prefix_matrix, rdma_rank_prefix_sum, gbl_channel_prefix_matrix,
+                      combined_rdma_head, combined_nvl_head, config)
+      -> (combined_x [n, H] bf16, combined_topk_weights [n, k] | None)
+
+  Reads the receive side of the handle: rdma_channel_prefix_matrix = slot 3
+  (recv_rdma_channel_prefix_matrix), rdma_rank_prefix_sum = slot 4, gbl_channel_prefix_matrix = slot 5
+  (recv_gbl_channel_prefix_matrix), src_meta slot 7, combined_rdma_head slot 8 (send_rdma_head),
+  combined_nvl_head slot 9, is_combined_token_in_rank slot 0. DeepEP's two roundings: each node sums its
+  ranks' copies in fp32 (ranks ascending) and rounds to bf16 once; combined[t] = bf16(float(bias_0[t]) +
+  float(bias_1[t]) + the node partials in node order, in fp32).
+  combined_topk_weights: the fp32 sums of topk_weights the same way (no rounding between the levels).
 
 Low-latency mode
 ----------------
