@@ -155,7 +155,7 @@ class BufferDispatcher:
         row = pair // k
         y = torch.zeros(recv_x.shape, dtype=torch.float32, device=x.device)
         if pair.numel():
-            out = experts(recv_x[row], flat[pair])
+            out = experts(recv_x.index_select(0, row), flat[pair])
             y = y.index_add(0, row, out.float() * recv_w.flatten()[pair].unsqueeze(1))
         if grad:  # keep dispatch's backward (a collective) wired even when no row reached an expert here
             y = y + recv_x[:0].float().sum() + recv_w[:0].sum()

@@ -194,7 +194,8 @@ class AllToAllDispatcher:
         recv_splits = recv_per_expert.sum(1).tolist()
 
         anchor = torch.empty(0, device=dev, requires_grad=True) if torch.is_grad_enabled() else None
-        recv = all_to_all(x[token], send_splits, recv_splits, group, anchor)  # by source rank, then token
+        rows = x.index_select(0, token)
+        recv = all_to_all(rows, send_splits, recv_splits, group, anchor)  # by source rank, then token
         local_idx = torch.repeat_interleave(
             torch.arange(e_local, device=dev).repeat(world), recv_per_expert.flatten().to(dev)
         )

@@ -128,7 +128,7 @@ class LocalDispatcher:
         flat = topk_idx.flatten()
         order = torch.argsort(flat, stable=True)
         token = order // k
-        out = experts(x[token], flat[order])
+        out = experts(x.index_select(0, token), flat[order])  # index_select: far faster than x[token]
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         y.index_add_(0, token, out.float() * topk_weights.flatten()[order].unsqueeze(1))
         return y.to(x.dtype)
