@@ -166,9 +166,16 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("DSV3_RUN_SLOW") != "1", reason="DSV3_RUN_SLOW=1: two demo-length runs")
+@pytest.mark.skipif(os.environ.get("DSV3_RUN_SLOW") != "1", reason="DSV3_RUN_SLOW=1: six demo-length runs")
 def test_fp8_final_loss_within_one_percent_of_bf16(tmp_path):
+    """The demo's run (default config) in FP8 and in BF16 for three seeds: the mean validation losses within
+    1%. One seed is not enough: at this size a run's final loss moves by ~1-2% with the seed (or with the
+    thread count, which changes fp32 summation orders), more than FP8 moves it (docs/TRAINING.md)."""
     cfg = TrainConfig()
-    fp8 = Trainer(dataclasses.replace(cfg, precision="fp8"), tmp_path / "fp8", log=quiet).run()
-    bf16 = Trainer(dataclasses.replace(cfg, precision="bf16"), tmp_path / "bf16", log=quiet).run()
-    assert abs(fp8["val_loss"] - bf16["val_loss"]) <= 0.01 * bf16["val_loss"]
+    val = {"fp8": [], "bf16": []}
+    for seed in (0, 1, 2):
+        for precision in val:
+            run = dataclasses.replace(cfg, precision=precision, seed=seed)
+            val[precision].append(Trainer(run, tmp_path / f"{precision}{seed}", log=quiet).run()["val_loss"])
+    fp8, bf16 = (sum(v) / len(v) for v in (val["fp8"], val["bf16"]))
+    assert abs(fp8 - bf16) <= 0.01 * bf16, val

@@ -37,8 +37,8 @@ class TrainConfig:
     seq_len: int = 128
     global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch: int = 8  # sequences per forward/backward on one rank (gradient accumulation below that)
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     warmup_steps: int = 20
     decay_start: float = 0.6  # fraction of the steps after which the cosine decay starts
     weight_decay: float = 0.1
