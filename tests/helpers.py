@@ -85,3 +85,35 @@ def tiny_train_config(validate: bool = True, **changes):
 
 def quiet(*_args, **_kwargs) -> None:
     """A `log` for Trainer that prints nothing."""
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a process group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, world: int, *args, join_s: float = 120) -> None:
+    """Run target(rank, world, port, *args) in `world` spawned processes; fail if one hangs past join_s
+    (it is killed) or exits non-zero."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + join_s
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, "a worker hung"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

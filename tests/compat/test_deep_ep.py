@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 
 from dsv3 import ops
 
 N, H, K, E = 40, 512, 4, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -148,16 +140,5 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_deep_ep_style_two_ranks(tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_worker, 2, str(tmp_path))
     assert all((tmp_path / f"ok{r}").exists() for r in range(2))

@@ -215,3 +215,16 @@ def test_constructor_bad_inputs(buf):
         Buffer(timeout=0)
     with pytest.raises(ValueError, match="num_qps_per_rank"):
         Buffer(num_qps_per_rank=0)
+
+
+def test_byte_buffer_view():
+    from dsv3.ep.backends.common import byte_buffer_view
+
+    buf = torch.arange(64, dtype=torch.uint8)
+    v = byte_buffer_view(buf, torch.int32, (3, 2), offset=8)
+    assert v.shape == (3, 2) and torch.equal(v.view(torch.uint8).flatten(), buf[8:32])
+    assert byte_buffer_view(buf, torch.float32).numel() == 16
+    with pytest.raises(ValueError, match="offset"):
+        byte_buffer_view(buf, torch.int32, offset=6)
+    with pytest.raises(ValueError, match="size"):
+        byte_buffer_view(buf, torch.int32, (20,))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 
 from dsv3 import ops
 from dsv3.ep import reference as ref
@@ -22,13 +21,9 @@ from dsv3.ep import reference as ref
 H, K = 512, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tokens(world: int) -> list[int]:
+    if world == 16:  # two nodes of 8; rank 5 has no tokens
+        return [0 if r == 5 else 2 + (r * 5) % 7 for r in range(16)]
     return [5, 0, 9, 3] if world == 4 else [6, 4]
 
 
@@ -138,6 +133,47 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _two_node_worker(rank: int, world: int, port: int, out: str) -> None:
+    """16 ranks = two nodes of 8 in DeepEP's geometry: per-node counts and the combine's per-node rounding."""
+    import torch.distributed as dist
+
+    from dsv3.ep import Buffer
+
+    _init(rank, world, port, 120)
+    try:
+        E, xs, idxs, ws = _problem(world)
+        x, idx, w = xs[rank], idxs[rank], ws[rank]
+        buf = Buffer()
+        ntr, ntrr, nte, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=ntr, num_tokens_per_rdma_rank=ntrr, is_token_in_rank=in_rank,
+            num_tokens_per_expert=nte, topk_idx=idx, topk_weights=w,
+        )  # fmt: skip
+        y = (recv_x.float() * (1 + rank / 3)).to(torch.bfloat16)
+        combined = buf.combine(y, handle, bias=torch.ones((x.shape[0], H), dtype=torch.bfloat16))[0]
+        torch.save({"ntrr": ntrr, "recv": (recv_x, recv_idx, recv_w, counts), "y": y, "combined": combined},
+                   f"{out}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_nodes_of_eight(tmp_path):
+    world = 16
+    spawn_ranks(_two_node_worker, world, str(tmp_path), join_s=240)
+    E, xs, idxs, ws = _problem(world)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    outs = [res[r]["y"] for r in range(world)]
+    for r in range(world):
+        node_of = idxs[r] // (E // world) // 8  # expert -> rank -> node
+        nodes = torch.stack([(idxs[r] >= 0) & (node_of == j) for j in range(2)])  # [2, n, k]
+        assert torch.equal(res[r]["ntrr"], nodes.any(2).sum(1).int())
+        wx, widx, ww, wcounts, _, _ = ref.dispatch_reference(xs, idxs, ws, E, r)
+        rx, ridx, rw, counts = res[r]["recv"]
+        assert torch.equal(rx, wx) and torch.equal(ridx, widx) and torch.equal(rw, ww) and counts == wcounts
+        bias = torch.ones((xs[r].shape[0], H), dtype=torch.bfloat16)
+        assert torch.equal(res[r]["combined"], ref.combine_reference(outs, idxs, E, r, bias=(bias,)))
+
+
 def _absent_peer(rank: int, world: int, port: int, out: str) -> None:
     """Rank 1 never calls dispatch (it stays alive, or it dies when out ends in "dead"): rank 0 must raise
     EPTimeoutError, after the group's 2 s timeout or on losing the connection."""
@@ -170,28 +206,11 @@ def _absent_peer(rank: int, world: int, port: int, out: str) -> None:
     os._exit(0)  # groups that saw a timeout are not torn down cleanly
 
 
-def _spawn(target, world: int, out: str, join_s: float = 120) -> None:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + join_s
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    assert not alive, "a worker hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
 def run(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"ep{world}")
-    _spawn(_worker, world, str(out))
+    spawn_ranks(_worker, world, str(out))
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return world, _problem(world), res
 
@@ -356,7 +375,7 @@ def test_low_latency_combine(run):
 def test_absent_or_dead_peer_raises_timeout(tmp_path, how):
     out = tmp_path / how
     out.mkdir()
-    _spawn(_absent_peer, 2, str(out), join_s=60)
+    spawn_ranks(_absent_peer, 2, str(out), join_s=60)
     msg, secs = (out / "absent.txt").read_text().split("|")
     assert msg == "EPTimeoutError", msg
     assert float(secs) < 30

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 
 from dsv3.ep.dispatcher import ExpertPlacement
 from dsv3.model import ModelConfig, build_model
@@ -20,12 +18,6 @@ from dsv3.model.moe import MoE
 
 CFG = ModelConfig.preset("tiny")
 SEQ = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ids(rank: int) -> torch.Tensor:
@@ -92,18 +84,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_model_expert_parallel_matches_one_process(tmp_path, world):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 150
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_worker, world, str(tmp_path), join_s=150)
 
     torch.set_num_threads(1)
     ref = build_model(CFG, dtype=torch.float32, seed=3)

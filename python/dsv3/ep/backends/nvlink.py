@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .. import errors
 from ..config import NUM_MAX_LOCAL_EXPERTS, NUM_MAX_SCALES, NUM_MAX_TOPK, Config
+from .common import byte_buffer_view
 
 __all__ = ["NvlinkBackend"]
 
@@ -332,18 +333,7 @@ class NvlinkBackend:
         """This rank's NVLink buffer (from byte `offset`) viewed as `dtype`, optionally reshaped to `size`."""
         if self.buffer is None:
             raise RuntimeError("dsv3.ep: the nvlink backend was destroyed")
-        if offset < 0 or offset % dtype.itemsize or offset > self.buffer.numel():
-            raise ValueError(f"offset must be in [0, {self.buffer.numel()}] and aligned to {dtype.itemsize}")
-        view = self.buffer[offset:]
-        view = view[: view.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
-        if size is None:
-            return view
-        numel = 1
-        for d in size:
-            numel *= d
-        if numel > view.numel():
-            raise ValueError(f"size {tuple(size)} needs {numel} elements; the buffer holds {view.numel()}")
-        return view[:numel].view(*size)
+        return byte_buffer_view(self.buffer, dtype, size, offset)
 
     def destroy(self) -> None:
         """Close the peers' mappings and free the buffer (collective: no peer may still read this one)."""

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..errors import EPTimeoutError
+from .common import byte_buffer_view
 
 __all__ = [
     "NvshmemBackend",
@@ -810,18 +811,7 @@ class NvshmemBackend:
 
     def local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0) -> torch.Tensor:
         """The symmetric buffer (from byte `offset`) viewed as `dtype`, optionally reshaped to `size`."""
-        if offset < 0 or offset % dtype.itemsize or offset > self.buffer.numel():
-            raise ValueError(f"offset must be in [0, {self.buffer.numel()}] and aligned to {dtype.itemsize}")
-        view = self.buffer[offset:]
-        view = view[: view.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
-        if size is None:
-            return view
-        numel = 1
-        for d in size:
-            numel *= d
-        if numel > view.numel():
-            raise ValueError(f"size {tuple(size)} needs {numel} elements; the buffer holds {view.numel()}")
-        return view[:numel].view(*size)
+        return byte_buffer_view(self.buffer, dtype, size, offset)
 
     def destroy(self) -> None:
         """Free the symmetric buffer and finalize NVSHMEM (collective)."""
