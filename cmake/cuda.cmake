@@ -75,6 +75,8 @@ set(DSV3_CUDA_SOURCES
     csrc/cuda/ep_intranode.cu
     csrc/cuda/ep_intranode_host.cpp
     csrc/cuda/ep_layout.cu
-    csrc/cuda/ep_layout_host.cpp)
+    csrc/cuda/ep_layout_host.cpp
+    csrc/cuda/ep_combine.cu
+    csrc/cuda/ep_combine_host.cpp)
 set(DSV3_WITH_CUDA ON)
 message(STATUS "dsv3: CUDA kernels enabled: nvcc ${DSV3_NVCC_VERSION}, archs ${DSV3_CUDA_ARCHS_STR}")

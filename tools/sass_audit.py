@@ -280,6 +280,15 @@ RULES: list[Rule] = [
         forbid=(*LOCAL_MEMORY, GLOBAL_REDUCTION),
         max_registers=EP_LAYOUT_MAX_REGISTERS,
     ),
+    # The combine's sums must be plain fp32 adds in the CPU kernel's order: an FFMA would mean the compiler
+    # contracted something and the bits could differ from the CPU's.
+    Rule(
+        "ep combine reduction (fp32 adds, rank order)",
+        r"::ep_combine_reduce_kernel<(float|__half|__nv_bfloat16)>",
+        require=(r"^FADD",),
+        forbid=(*LOCAL_MEMORY, r"^FFMA"),
+        max_registers=EP_LAYOUT_MAX_REGISTERS,
+    ),
 ]
 
 # ---- locating the tools and the library

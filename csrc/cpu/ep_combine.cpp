@@ -13,11 +13,12 @@
 #include <vector>
 
 #include "dsv3/checks.h"
+#include "dsv3/ep/combine.h"
 
 namespace dsv3 {
 namespace {
-
 constexpr const char* kOp = "ep_combine_reduce";
+}  // namespace
 
 void check_ep_combine_reduce(const at::Tensor& x, const at::Tensor& row_of,
                              const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
@@ -47,6 +48,20 @@ void check_ep_combine_reduce(const at::Tensor& x, const at::Tensor& row_of,
 at::Tensor alloc_ep_combine_reduce(const at::Tensor& x, const at::Tensor& row_of) {
   return at::empty_symint({row_of.sym_size(0), x.sym_size(1)}, x.options());
 }
+
+void check_ep_combine_rows(const at::Tensor& x, const at::Tensor& row_of) {
+  if (row_of.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(row_of);
+  const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
+  DSV3_CHECK(l >= -1 && h < x.size(0), kOp, "row_of entries must be in [-1, ", x.size(0), "), got [", l, ", ",
+             h, "]");
+}
+
+int64_t ep_combine_node_size(int64_t ranks, int64_t ranks_per_node) {
+  return std::min(ranks_per_node, std::max<int64_t>(ranks, 1));
+}
+
+namespace {
 
 // One token: acc = bias_0 + bias_1 (fp32), then the copies rank by rank (through a node partial rounded to T
 // when the ranks span several nodes), then one cast.
@@ -84,19 +99,15 @@ at::Tensor ep_combine_reduce(const at::Tensor& x_in, const at::Tensor& row_of_in
   check_ep_combine_reduce(x_in, row_of_in, bias_0, bias_1, ranks_per_node);
   const auto x = x_in.contiguous();
   const auto row_of = row_of_in.contiguous();
-  const int64_t tokens = row_of.size(0), ranks = row_of.size(1), hidden = x.size(1), rows = x.size(0);
-  if (row_of.numel()) {
-    const auto [lo, hi] = at::aminmax(row_of);
-    DSV3_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < rows, kOp, "row_of entries must be in [-1, ",
-               rows, "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
-  }
+  const int64_t tokens = row_of.size(0), ranks = row_of.size(1), hidden = x.size(1);
+  check_ep_combine_rows(x, row_of);
   auto out = alloc_ep_combine_reduce(x, row_of);
   std::optional<at::Tensor> b[2];
   for (int i = 0; i < 2; ++i) {
     const auto& src = i ? bias_1 : bias_0;
     if (src.has_value()) b[i] = src->to(at::kFloat).contiguous();
   }
-  const int64_t node = std::min(ranks_per_node, std::max<int64_t>(ranks, 1));
+  const int64_t node = ep_combine_node_size(ranks, ranks_per_node);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kOp, [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     const auto* rp = row_of.const_data_ptr<int64_t>();

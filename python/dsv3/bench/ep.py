@@ -207,6 +207,45 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         dist.destroy_process_group()
 
 
+def kernel_rows(tokens: int = 4096, topk: int = 8, experts: int = 256, hidden: int = 7168) -> list[dict]:
+    """The two C++ kernels of the torch backend against their plain-torch references, in this process:
+    `ep_dispatch_layout` at V3's routing (top-8 of 256) over 8 and 16 ranks, and `ep_combine_reduce` of bf16
+    V3-hidden rows coming back from 8 ranks (one node) and 16 (two nodes: per-node rounding)."""
+    from dsv3.ops import reference
+
+    from .timing import time_side_by_side
+
+    g = torch.Generator().manual_seed(7)
+    idx = torch.rand((tokens, experts), generator=g).topk(topk, dim=1).indices
+    rows = []
+    for ranks in (8, 16):
+        t = time_side_by_side(
+            {
+                "dsv3": lambda r=ranks: torch.ops.dsv3.ep_dispatch_layout(idx, experts, r, 8),
+                "torch": lambda r=ranks: reference.ep_dispatch_layout(idx, experts, r, 8),
+            }
+        )
+        shape = f"{tokens}x{topk} of {experts}, R={ranks}"
+        rows.append({"op": "ep_dispatch_layout", "shape": shape, "times": t})
+        in_rank = reference.ep_dispatch_layout(idx, experts, ranks, 8)[3]
+        row_of = torch.full((tokens, ranks), -1, dtype=torch.long)
+        row_of[in_rank] = torch.arange(int(in_rank.sum()))
+        x = torch.randn((int(in_rank.sum()), hidden), generator=g).to(torch.bfloat16)
+        t = time_side_by_side(
+            {
+                "dsv3": lambda x=x, row_of=row_of: torch.ops.dsv3.ep_combine_reduce(x, row_of, None, None, 8),
+                "torch": lambda x=x, row_of=row_of: reference.ep_combine_reduce(x, row_of, None, None, 8),
+            }
+        )
+        shape = f"{x.shape[0]} rows of {hidden} bf16, R={ranks}"
+        rows.append({"op": "ep_combine_reduce", "shape": shape, "times": t})
+    for r in rows:
+        r["dsv3_ms"] = r["times"]["dsv3"]["median_s"] * 1e3
+        r["torch_ms"] = r["times"]["torch"]["median_s"] * 1e3
+        r["speedup"] = r["torch_ms"] / r["dsv3_ms"]
+    return rows
+
+
 def run_case(world: int, args: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.get_context("spawn")
@@ -256,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default="bench-results/ep.json", help="where to write the results")
+    p.add_argument("--no-kernels", action="store_true", help="skip the single-process kernel rows")
     a = p.parse_args(argv)
     args = dict(tokens=a.tokens, hidden=a.hidden, topk=a.topk, experts=a.experts, rounds=a.rounds)
     rows = []
@@ -279,6 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "x = baseline time / dsv3 time (same rows, same results); GB/s = bf16 bytes received per rank / time"
     )
+    if not a.no_kernels:
+        krows = kernel_rows()
+        print(f"\n{'kernel':>18} {'shape':>34} | {'dsv3 ms':>8} {'torch ms':>9} {'x':>6}")
+        for r in krows:
+            times = f"{r['dsv3_ms']:>8.3f} {r['torch_ms']:>9.3f} {r['speedup']:>6.1f}"
+            print(f"{r['op']:>18} {r['shape']:>34} | {times}")
+        print(f"torch = the reference in dsv3.ops.reference, same results; {torch.get_num_threads()} threads")
+        rows += krows
     write_json(a.json, "cpu", rows)
     return 0
 

@@ -328,3 +328,62 @@ def moe_route(
         weights = weights / (denominator + 1e-20)
     weights = weights * routed_scaling_factor
     return idx, torch.where(bad, float("nan"), weights)
+
+
+# ---- expert parallelism (SPEC §5; dsv3.ep) ----------------------------------------------------------------
+
+
+def ep_dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout of `topk_idx [n, k]` (expert ids in [-1, num_experts), -1 = no expert) over `num_ranks`
+    ranks holding contiguous blocks of num_experts / num_ranks experts (rank = e // (E / R)), with
+    `num_ranks_per_node` ranks per node (node = rank // num_ranks_per_node). Returns int32
+    `num_tokens_per_rank [R]` (tokens with at least one expert on the rank), `num_tokens_per_rdma_rank
+    [R / num_ranks_per_node]` (the same per node; empty [0] when R <= num_ranks_per_node), int32
+    `num_tokens_per_expert [E]` ((token, k) entries per expert: a repeated expert counts twice) and bool
+    `is_token_in_rank [n, R]`."""
+    if num_experts % num_ranks:
+        raise ValueError(f"num_ranks ({num_ranks}) must divide num_experts ({num_experts})")
+    idx = topk_idx.long()
+    tokens, device = idx.size(0), idx.device
+    valid = idx >= 0
+    num_tokens_per_expert = torch.bincount(idx[valid], minlength=num_experts).int()
+    # -1 entries go to an extra column that is dropped: scatter de-duplicates the ranks of a token.
+    rank = torch.where(valid, idx // (num_experts // num_ranks), num_ranks)
+    is_token_in_rank = torch.zeros(tokens, num_ranks + 1, dtype=torch.bool, device=device)
+    is_token_in_rank = is_token_in_rank.scatter_(1, rank, True)[:, :num_ranks].contiguous()
+    num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
+    if num_ranks > num_ranks_per_node:
+        in_node = is_token_in_rank.view(tokens, num_ranks // num_ranks_per_node, num_ranks_per_node).any(-1)
+        num_tokens_per_rdma_rank = in_node.sum(0, dtype=torch.int32)
+    else:
+        num_tokens_per_rdma_rank = torch.zeros(0, dtype=torch.int32, device=device)
+    return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+
+
+def ep_combine_reduce(
+    x: torch.Tensor,
+    row_of: torch.Tensor,
+    bias_0: torch.Tensor | None = None,
+    bias_1: torch.Tensor | None = None,
+    ranks_per_node: int = 8,
+) -> torch.Tensor:
+    """A combine's sums: out[t] = x.dtype(fp32(bias_0[t]) + fp32(bias_1[t]) + Σ_r fp32(x[row_of[t, r]]))
+    over the ranks r with row_of[t, r] >= 0, ascending. When the R = row_of.shape[1] ranks span several
+    nodes of `ranks_per_node` (R > ranks_per_node), each node's copies are summed into an fp32 partial that is
+    rounded to x.dtype once before it joins the sum (an internode combine's per-node rounding)."""
+    n, R = row_of.shape
+    acc = torch.zeros((n, x.shape[1]), dtype=torch.float32, device=x.device)
+    for b in (bias_0, bias_1):
+        if b is not None:
+            acc += b.float()
+    node = ranks_per_node if ranks_per_node < R else max(R, 1)
+    for first in range(0, R, node):
+        part = acc if node >= R else torch.zeros_like(acc)
+        for r in range(first, min(first + node, R)):
+            tok = (row_of[:, r] >= 0).nonzero().flatten()
+            part.index_add_(0, tok, x.index_select(0, row_of[tok, r]).float())
+        if node < R:
+            acc += part.to(x.dtype).float()
+    return acc.to(x.dtype)

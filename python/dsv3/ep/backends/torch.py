@@ -279,46 +279,14 @@ class TorchBackend:
         got = self.exchange_parts(parts, back_to.tolist(), rows_from.tolist(), "combine")
 
         offsets = rows_from.cumsum(0) - rows_from
-        node = NUM_MAX_NVL_PEERS if R > NUM_MAX_NVL_PEERS and R % NUM_MAX_NVL_PEERS == 0 else R
-        if dev.type == "cpu":  # the C++ kernel: one pass per token over its copies
-            row_of = torch.where(send_head >= 0, offsets.view(1, -1) + send_head.long(), -1)
-            combined = torch.ops.dsv3.ep_combine_reduce(got[0], row_of, bias_0, bias_1, node)
-            wsum = (
-                None
-                if topk_weights is None
-                else torch.ops.dsv3.ep_combine_reduce(got[1], row_of, None, None, R)
-            )
-            return combined, wsum
-        return self._combine_sum_torch(x.dtype, got, send_head, offsets.tolist(), bias_0, bias_1, node)
-
-    @staticmethod
-    def _combine_sum_torch(dtype, got, send_head, offsets, bias_0, bias_1, node):
-        """The combine's sums in torch ops (the reference of ep_combine_reduce, and the GPU path)."""
-        n, R = send_head.shape
-        dev = got[0].device
-        acc = torch.zeros((n, got[0].shape[1]), dtype=torch.float32, device=dev)
-        for b in (bias_0, bias_1):
-            if b is not None:
-                acc += b.float()
-        wacc = None if len(got) < 2 else torch.zeros((n, got[1].shape[1]), device=dev)
-        out_dtype = dtype
         # More than one node (R > 8, DeepEP's internode geometry): each node's copies are summed first and
         # rounded to the row dtype once (what travels between nodes), then node partials add up in fp32.
-        for first in range(0, R, node):
-            part = acc if node == R else torch.zeros_like(acc)
-            for r in range(first, first + node):  # ranks ascending: the same fp32 order on every backend
-                tok = (
-                    (send_head[:, r] >= 0).nonzero().flatten()
-                )  # ascending: the order the rows went and came
-                if tok.numel() == 0:
-                    continue
-                block = slice(offsets[r], offsets[r] + tok.numel())
-                part.index_add_(0, tok, got[0][block].float())
-                if wacc is not None:
-                    wacc.index_add_(0, tok, got[1][block])
-            if node != R:
-                acc += part.to(out_dtype).float()
-        return acc.to(out_dtype), wacc
+        node = NUM_MAX_NVL_PEERS if R > NUM_MAX_NVL_PEERS and R % NUM_MAX_NVL_PEERS == 0 else R
+        row_of = torch.where(send_head >= 0, offsets.view(1, -1) + send_head.long(), -1)
+        reduce = _combine_reduce(dev)
+        combined = reduce(got[0], row_of, bias_0, bias_1, node)
+        wsum = None if topk_weights is None else reduce(got[1], row_of, None, None, R)
+        return combined, wsum
 
     # ---- low-latency mode -------------------------------------------------------------------------------
 
@@ -451,6 +419,17 @@ class TorchBackend:
             return result, receive
         receive()
         return result, None
+
+
+def _combine_reduce(device: torch.device):
+    """The combine's sums: dsv3's kernel (CPU, or CUDA when dsv3 has its CUDA kernels), else the reference."""
+    import dsv3
+
+    if device.type == "cpu" or (device.type == "cuda" and dsv3.build_info()["cuda_archs"]):
+        return torch.ops.dsv3.ep_combine_reduce
+    from ...ops import reference
+
+    return reference.ep_combine_reduce
 
 
 def _pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
