@@ -35,11 +35,23 @@ def _info(_args) -> int:
         ("CUDA kernels", archs),
         ("GPU", gpu),
         ("CPU path", f"{cpu_desc}; {torch.get_num_threads()} threads"),
+        ("EP backends", _ep_backends(bool(info["cuda_archs"]))),
     ]
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _ep_backends(cuda_built: bool) -> str:
+    """Which dsv3.ep.Buffer backends this build holds (without loading NVSHMEM)."""
+    import importlib.util
+
+    nvshmem = importlib.util.find_spec("dsv3._C_nvshmem") is not None
+    built = {"torch": True, "nvlink": cuda_built, "nvshmem": nvshmem}
+    text = ", ".join(k for k, v in built.items() if v)
+    missing = [k for k, v in built.items() if not v]
+    return text + (f" (not built: {', '.join(missing)})" if missing else "")
 
 
 def _bench(args) -> int:
