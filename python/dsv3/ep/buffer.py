@@ -190,6 +190,7 @@ class Buffer:
                     self.low_latency_mode,
                     self.num_qps_per_rank,
                     self.timeout,
+                    self.allow_nvlink_for_low_latency_mode,
                 )
                 self._ll_gpu = be if self.low_latency_mode else None
                 if self.group_size > NUM_MAX_NVL_PEERS and self._normal_gpu is None:
