@@ -84,10 +84,59 @@ void dequantize_run(const uint8_t* q, T* out, int64_t n, float s, bool avx) {
 
 }  // namespace
 
+namespace {
+
+// x is the transpose of a contiguous [k, rows] matrix (strides (1, rows)): Wgrad's token-major operand, t.t()
+// of an activation. Tiles of kTileRows rows x one group of columns are read from the source's contiguous
+// rows into a float buffer and quantized from there: the same values, amax, scales and codes as quantizing
+// x.contiguous() (bf16/fp16 -> fp32 is exact and both paths quantize fp32(x) / s), without writing and
+// re-reading a transposed copy.
+constexpr int64_t kTileRows = 32;
+
+bool is_transposed_matrix(const at::Tensor& x) {
+  return x.dim() == 2 && x.size(0) > 1 && x.size(1) > 1 && x.stride(0) == 1 && x.stride(1) == x.size(0);
+}
+
+template <typename T>
+void quantize_transposed(const T* base, int64_t rows, int64_t k, int64_t group_size, bool ue8m0,
+                         const ScaleView& sv, uint8_t* qp, bool avx) {
+  const int64_t groups = ceil_div(k, group_size), tiles = ceil_div(rows, kTileRows);
+  at::parallel_for(0, tiles * groups, grain_for(kTileRows * group_size), [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kTileRows * group_size);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = (i / groups) * kTileRows, g = i % groups, k0 = g * group_size;
+      const int64_t n = std::min(group_size, k - k0), nr = std::min(kTileRows, rows - r0);
+      for (int64_t j = 0; j < n; ++j) {
+        const T* src = base + (k0 + j) * rows + r0;  // column k0 + j of rows r0.., contiguous in the source
+        for (int64_t f = 0; f < nr; ++f) tile[f * group_size + j] = static_cast<float>(src[f]);
+      }
+      for (int64_t f = 0; f < nr; ++f) {
+        const float* src = tile.data() + f * group_size;
+        const float s = fp8_scale(group_amax(src, n, avx), ue8m0);
+        sv.at(r0 + f, g) = s;
+        quantize_group(src, qp + (r0 + f) * k + k0, n, s, avx);
+      }
+    }
+  });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_group(const at::Tensor& x_in, int64_t group_size,
                                                             bool ue8m0, bool col_major_scales) {
   check_quantize_per_token_group(x_in, group_size, col_major_scales);
   auto [q, scales] = alloc_quantize_per_token_group(x_in, group_size, col_major_scales);
+  if (is_transposed_matrix(x_in)) {
+    const ScaleView sv(token_group_scales(x_in, scales, /*writable=*/true));
+    auto* qp = static_cast<uint8_t*>(q.data_ptr());
+    const bool avx = use_avx512();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "quantize_per_token_group",
+                                    [&] {
+                                      quantize_transposed(x_in.const_data_ptr<scalar_t>(), x_in.size(0),
+                                                          x_in.size(1), group_size, ue8m0, sv, qp, avx);
+                                    });
+    return {q, scales};
+  }
   const at::Tensor x = x_in.contiguous();
   const int64_t k = x.size(-1), rows = k == 0 ? 0 : x.numel() / k, groups = ceil_div(k, group_size);
   if (rows == 0 || groups == 0) return {q, scales};

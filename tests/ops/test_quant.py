@@ -276,3 +276,23 @@ def test_per_block_property(batch, n, k, block_size, dtype, ue8m0, seed):
     deq = ops.dequantize_per_block(q, s, block_size, out_dtype=torch.float32)
     s_per_element = s.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :n, :k]
     assert_round_trip_error_bounded(w, deq, s_per_element)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 2), (33, 200), (128, 1024), (96, 2432), (7, 129)])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_transposed_input_matches_contiguous(cpu_path, dtype, shape, ue8m0):
+    """A transposed contiguous matrix (Wgrad's token-major operand, t.t()) is quantized from tiles of its
+    source rows: codes and scales bit-identical to quantizing the contiguous copy, NaN and inf included."""
+    k, rows = shape
+    t = (torch.randn(k, rows) * torch.logspace(-3, 3, rows)).to(dtype)
+    t[0, 0], t[-1, -1] = float("nan"), float("inf")
+    x = t.t()
+    assert x.stride() == (1, rows)
+    for col_major in (False, True):
+        kw = dict(ue8m0=ue8m0, col_major_scales=col_major)
+        q, s = ops.quantize_per_token_group(x, 128, **kw)
+        q_ref, s_ref = ops.quantize_per_token_group(x.contiguous(), 128, **kw)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.equal(s.nan_to_num(nan=-1.0), s_ref.nan_to_num(nan=-1.0))
+        assert s.stride() == s_ref.stride()

@@ -68,7 +68,8 @@ def transpose_block_quantized(q: torch.Tensor, scale_inv: torch.Tensor) -> tuple
 
 def _quantize_along_tokens(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [T, C] -> codes [C, T] and scales [C, ceil(T/128)]: 1 x 128 tiles of tᵀ, i.e. 128 tokens per tile,
-    the layout Wgrad reduces over. The quantize op reads the transposed view without a copy."""
+    the layout Wgrad reduces over. The quantize op reads the transposed view in tiles of its source rows,
+    without a transposed copy."""
     return ops.quantize_per_token_group(t.t(), _BLOCK)
 
 
