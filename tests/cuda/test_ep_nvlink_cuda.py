@@ -7,12 +7,11 @@ rank that sends nothing."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from dsv3.ep.backends.nvlink import NvlinkBackend
 
@@ -23,12 +22,6 @@ pytestmark = [
 ]
 
 HIDDEN, TOPK, EXPERTS_PER_RANK = 2048, 6, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _equal(a, b, what: str) -> None:
@@ -147,7 +140,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 @pytest.mark.parametrize("world", [w for w in (2, 4) if w <= NUM_GPUS])
 def test_nvlink_matches_torch_backend(world):
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
 
 
 def _timeout_worker(rank: int, world: int, port: int) -> None:
@@ -170,4 +163,4 @@ def _timeout_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_missing_peer_raises_timeout():
-    mp.spawn(_timeout_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_timeout_worker, args=(2, free_port()), nprocs=2, join=True)

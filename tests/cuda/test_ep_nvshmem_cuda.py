@@ -5,12 +5,11 @@ Runs several rounds so both buffer halves, the signal resets and the hook / zero
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from dsv3.ep.backends.nvshmem import NvshmemBackend
 
@@ -21,12 +20,6 @@ pytestmark = [
 ]
 
 T, HIDDEN, TOPK, EXPERTS_PER_RANK = 64, 1024, 4, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _valid_rows(recv_count: torch.Tensor, R: int) -> torch.Tensor:
@@ -100,4 +93,4 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 def test_low_latency_matches_the_torch_backend():
     world = min(NUM_GPUS, 8)
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)

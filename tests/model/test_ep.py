@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 
 from dsv3.model import ModelConfig, build_model
 from dsv3.model.checkpoint import save_pretrained
@@ -28,12 +27,6 @@ from dsv3.model.moe import Experts, LocalDispatcher, MoE
 
 CFG = ModelConfig.preset("tiny")
 E, K = CFG.n_routed_experts, CFG.num_experts_per_tok
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the one-layer problem, built identically in the workers and the reference ------------------------
@@ -195,23 +188,6 @@ def _absent_peer(rank: int, out: str) -> None:
     os._exit(0)  # skip tearing down groups that saw a timeout
 
 
-def _spawn(target, world: int, args: tuple, join_s: float = 90) -> list:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + join_s
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    assert not alive, "a worker hung"
-    return [p.exitcode for p in procs]
-
-
 def _check_layer(world: int, res: list[dict]) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         ref = _reference(world, dtype, dtype == torch.float32)
@@ -246,7 +222,7 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep2")
     full = build_model(CFG, dtype=torch.float32, seed=3).eval()
     save_pretrained(full, tmp / "hf", CFG)
-    exitcodes = _spawn(_worker, 2, (str(tmp), str(tmp / "hf")))
+    exitcodes = spawn_ranks(_worker, 2, str(tmp), str(tmp / "hf"), join_s=90, check_exit=False)
     return tmp, full, exitcodes
 
 
@@ -277,7 +253,7 @@ def test_two_ranks_tiny_model_matches_one_process(two_ranks):
 
 
 def test_four_ranks_layer_matches_one_process(tmp_path):
-    assert _spawn(_worker, 4, (str(tmp_path), None)) == [0, 0, 0, 0]
+    assert spawn_ranks(_worker, 4, str(tmp_path), None, join_s=90, check_exit=False) == [0, 0, 0, 0]
     _check_layer(4, [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)])
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port
 from torch import nn
 
 from dsv3.model import ModelConfig, build_model
@@ -20,12 +20,6 @@ from dsv3.train.dualpipe import DualPipe, dualpipe_modules, split_stages
 
 LINEAR_BATCH, LINEAR_DIM = 20, 8
 DSV3_SEQ = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def linear_stages(num_stages: int) -> list[nn.Module]:
@@ -128,7 +122,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _run(world: int, tmp_path) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 

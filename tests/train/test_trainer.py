@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import quiet, tiny_train_config
+from helpers import free_port, quiet, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 from dsv3.model import from_pretrained
@@ -116,12 +115,6 @@ def test_export_loads_in_dsv3_and_transformers(tmp_path):
     assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dp_worker(rank: int, world: int, port: int, out: str, cache: str, q) -> None:
     import datetime
 
@@ -149,7 +142,7 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path):
     losses = [single.train_step()["loss"] for _ in range(2)]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     out = str(tmp_path / "dp")
     procs = [ctx.Process(target=_dp_worker, args=(r, 2, port, out, cache, q)) for r in range(2)]
     for p in procs:

@@ -9,12 +9,10 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import quiet, tiny_train_config
+from helpers import quiet, spawn_ranks, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 from dsv3.model import from_pretrained
@@ -32,12 +30,6 @@ def config(**changes) -> TrainConfig:
         model={"num_hidden_layers": 4, "num_nextn_predict_layers": 0},
     )
     return tiny_train_config(validate=False, **{**base, **changes})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
@@ -80,17 +72,8 @@ def test_dualpipe_trainer_matches_one_process(tmp_path, world):
     single = Trainer(config(global_batch=2 * world).validate(), tmp_path / "one", log=quiet)
     ref = [single.train_step() for _ in range(2)]
 
-    ctx = mp.get_context("spawn")
-    port, out = _free_port(), tmp_path / "dp"
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), cache)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    out = tmp_path / "dp"
+    spawn_ranks(_worker, world, str(out), cache, join_s=240)
 
     for rank in range(world):
         res = json.loads((out / f"rank{rank}.json").read_text())

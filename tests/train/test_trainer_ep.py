@@ -8,12 +8,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import quiet, tiny_train_config
+from helpers import quiet, spawn_ranks, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 from dsv3.ep.dispatcher import BufferDispatcher
@@ -24,12 +22,6 @@ from dsv3.train.trainer import TrainConfig, Trainer
 
 def small(**changes) -> TrainConfig:
     return tiny_train_config(**{"steps": 2, "precision": "bf16", "expert_parallel": True, **changes})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ep_worker(rank: int, world: int, port: int, out: str, cache: str, backend: str) -> None:
@@ -75,19 +67,8 @@ def test_expert_parallel_matches_one_process(tmp_path, world, backend):
     assert not single.expert_parallel  # one process: EP is a no-op
     steps = [single.train_step() for _ in range(2)]
 
-    ctx = mp.get_context("spawn")
-    port, out = _free_port(), tmp_path / "ep"
-    procs = [
-        ctx.Process(target=_ep_worker, args=(r, world, port, str(out), cache, backend)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    out = tmp_path / "ep"
+    spawn_ranks(_ep_worker, world, str(out), cache, backend, join_s=240)
 
     for rank in range(world):
         res = json.loads((out / f"rank{rank}.json").read_text())
