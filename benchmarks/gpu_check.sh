@@ -3,7 +3,7 @@
 # kernels, SASS audit, GPU tests (quantization, FP8 GEMM and MLA decode, the latter two on the WGMMA kernels and
 # on their ATen fallbacks; the quantization and FP8 GEMM tests once more under compute-sanitizer memcheck),
 # timings (quantization, the FP8 GEMM at the V3 shapes beside DeepGEMM and MLA decode beside FlashMLA when
-# importable).
+# importable), the trainer on the GPU and its training-step benchmark, and the EP benchmark when >= 2 GPUs.
 #   benchmarks/gpu_check.sh        logs and results go to $OUT when set, else build/gpu_check/
 # Every step is timed and bounded, and all of them together by GPU_CHECK_BUDGET_S (default 470 s); a failed step
 # is recorded and the rest still run (a failed build stops). Exit status: 0 when every step passed.
@@ -100,7 +100,8 @@ export -f environment build memcheck_quant_tests memcheck_gemm_tests
 step environment 30 environment || true
 step build 240 build || finish
 step sass_audit 45 "$py" tools/sass_audit.py --json "$results/sass_audit.json" || true
-step pytest_cuda 220 "$py" -m pytest -q -p no:cacheprovider tests/cuda tests/test_sass_audit.py || true
+step pytest_cuda 220 "$py" -m pytest -q -p no:cacheprovider --ignore=tests/cuda/test_train_cuda.py tests/cuda \
+  tests/test_sass_audit.py || true
 if command -v compute-sanitizer >/dev/null; then
   step memcheck_quant 60 memcheck_quant_tests || true
   step memcheck_gemm 75 memcheck_gemm_tests || true
@@ -115,6 +116,10 @@ if has_bench_main; then
 else
   note "dsv3.bench has no __main__: GEMM timings skipped"
 fi
+# The trainer on the GPU (FP8 and BF16 runs, CPU agreement, resume), then the training-step benchmark (SPEC §8:
+# dsv3's FP8 step against transformers' fwd+bwd on the same weights; transformers rows only where installed).
+step pytest_train 100 "$py" -m pytest -q -p no:cacheprovider tests/cuda/test_train_cuda.py || true
+step bench_train 75 "$py" -m dsv3.bench train --device cuda --json "$results/bench_train.json" || true
 # Intranode EP (nvlink backend vs torch/NCCL): needs 2, 4 or 8 GPUs; its correctness tests ran in pytest_cuda.
 num_gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 if [ "$num_gpus" -ge 2 ]; then

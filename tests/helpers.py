@@ -61,7 +61,8 @@ def assert_mla_close(
 
 
 def tiny_train_config(validate: bool = True, **changes):
-    """A TrainConfig for seconds-long trainer tests (tiny data, 32-token sequences, 4 per step)."""
+    """A TrainConfig for seconds-long trainer tests (tiny data, 32-token sequences, 4 per step), on the CPU
+    unless `device` is given (tests/cuda trains on the GPU)."""
     import dataclasses
 
     from dsv3.train.trainer import TrainConfig
@@ -78,6 +79,7 @@ def tiny_train_config(validate: bool = True, **changes):
         samples=1,
         sample_tokens=4,
         warmup_steps=2,
+        device="cpu",
     )
     cfg = dataclasses.replace(base, **changes)
     return cfg.validate() if validate else cfg

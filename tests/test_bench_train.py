@@ -57,3 +57,10 @@ def test_bf16_step_loss_equals_transformers():
     assert main == pytest.approx(float(ref32), rel=1e-2)
     assert 0 < float(parts["balance"].detach()) < 1e-3  # α = 1e-4: the only other term
     assert "mtp" in sides["dsv3_bf16"].losses(x, y, mtp=True)
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"]))
+def test_bad_device_is_refused(device, capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--quick", "--json", "", "--device", device])
+    assert f"--device {device}" in capsys.readouterr().err

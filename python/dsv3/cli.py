@@ -73,12 +73,13 @@ def _convert(args) -> int:
 def _train(args) -> int:
     import os
 
-    import torch
     import torch.distributed as dist
 
-    from .train.trainer import TrainConfig, Trainer
+    from .train.trainer import TrainConfig, Trainer, resolve_device
 
-    overrides = dict(preset=args.preset, steps=args.steps, precision=args.precision, seed=args.seed)
+    overrides = dict(
+        preset=args.preset, steps=args.steps, precision=args.precision, seed=args.seed, device=args.device
+    )
     if args.data:
         overrides["data"] = args.data
     if args.config:
@@ -86,13 +87,14 @@ def _train(args) -> int:
     else:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None}).validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if resolve_device(cfg).type == "cuda" else "gloo")
     trainer = Trainer(cfg, args.out, resume=args.resume)
     if trainer.rank == 0:
         params_m = sum(p.numel() for p in trainer.model.parameters()) / 1e6
         print(
             f"dsv3 train: {cfg.preset} model ({params_m:.2f}M "
-            f"params, {cfg.precision}), {cfg.steps} steps of {cfg.global_batch} x {cfg.seq_len} tokens, "
+            f"params, {cfg.precision}, {trainer.device}), {cfg.steps} steps of {cfg.global_batch} x "
+            f"{cfg.seq_len} tokens, "
             f"{trainer.world} rank(s); data ready in {trainer.prep_s:.1f} s; writing {args.out}"
         )
     result = trainer.run()
@@ -139,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--precision", choices=["fp8", "bf16"], default=None, help="GEMM precision (fp8)")
     train.add_argument("--data", nargs="*", default=None, help="text/jsonl files or dirs (default: bundled)")
     train.add_argument("--seed", type=int, default=None)
+    train.add_argument(
+        "--device",
+        default=None,
+        help="auto (default: cuda when dsv3 has its CUDA kernels and a GPU is visible), cpu, cuda, cuda:N",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.set_defaults(fn=_train)
 

@@ -164,7 +164,7 @@ def test_fp8_final_loss_within_one_percent_of_bf16(tmp_path):
     """The demo's run (default config) in FP8 and in BF16 for three seeds: the mean validation losses within
     1%. One seed is not enough: at this size a run's final loss moves by ~1-2% with the seed (or with the
     thread count, which changes fp32 summation orders), more than FP8 moves it (docs/TRAINING.md)."""
-    cfg = TrainConfig()
+    cfg = TrainConfig(device="cpu")
     val = {"fp8": [], "bf16": []}
     for seed in (0, 1, 2):
         for precision in val:
@@ -172,3 +172,33 @@ def test_fp8_final_loss_within_one_percent_of_bf16(tmp_path):
             val[precision].append(Trainer(run, tmp_path / f"{precision}{seed}", log=quiet).run()["val_loss"])
     fp8, bf16 = (sum(v) / len(v) for v in (val["fp8"], val["bf16"]))
     assert abs(fp8 - bf16) <= 0.01 * bf16, val
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1", "mps", ""])
+def test_bad_device_names_the_argument(device):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+        small(device=device)
+
+
+def test_device_resolution(monkeypatch):
+    """ "auto" is the CPU here; CUDA is refused with the reason (no GPU visible, a CPU-only dsv3 build,
+    DualPipe) and "auto" falls back to the CPU in each of those cases."""
+    import dsv3
+
+    resolve = trainer_mod.resolve_device
+    assert resolve(small(device="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve(small(device="auto")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        resolve(small(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = dict(dsv3.build_info(), cuda_archs=[])
+    monkeypatch.setattr(dsv3, "build_info", lambda: info)
+    assert resolve(small(device="auto")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="built without its CUDA kernels"):
+        resolve(small(device="cuda:0"))
+    info["cuda_archs"] = ["sm_90a"]
+    dualpipe = small(pipeline="dualpipe", global_batch=8, micro_batch=2)
+    assert resolve(dataclasses.replace(dualpipe, device="auto")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="dualpipe' runs on CPU ranks only"):
+        resolve(dataclasses.replace(dualpipe, device="cuda"))

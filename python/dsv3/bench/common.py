@@ -46,7 +46,8 @@ def transformers_version() -> str:
     return f"transformers {transformers.__version__}"
 
 
-def environment_line(*extra: str) -> str:
+def environment_line(*extra: str, device: str = "cpu") -> str:
     """The first line of the model benches' output: versions, device, threads, then `extra`."""
-    parts = [f"dsv3 {dsv3.__version__}", f"torch {torch.__version__}", transformers_version(), "cpu"]
+    where = "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
+    parts = [f"dsv3 {dsv3.__version__}", f"torch {torch.__version__}", transformers_version(), where]
     return ", ".join([*parts, f"{torch.get_num_threads()} threads", *extra])

@@ -109,11 +109,12 @@ class HFSide:
         self.model = model.train()
         self.tcfg = tcfg
         self.autocast = autocast
+        self.device_type = next(model.parameters()).device.type
         groups = param_groups(self.model, tcfg.weight_decay)
         self.opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, fused=False)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(input_ids=x, use_cache=False).logits
             return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -169,9 +170,9 @@ def _load_hf(auto, path: str) -> torch.nn.Module:
         hf_logging.set_verbosity(verbosity)
 
 
-def build_sides(preset: str) -> tuple[dict, ModelConfig, list[str]]:
+def build_sides(preset: str, device: str = "cpu") -> tuple[dict, ModelConfig, list[str]]:
     """dsv3 fp8, dsv3 bf16 and (when installed) transformers fp32 / bf16-autocast sides, every one holding
-    its own copy of the same weights (one saved checkpoint, loaded by both libraries)."""
+    its own copy of the same weights (one saved checkpoint, loaded by both libraries), on `device`."""
     cfg = dataclasses.replace(ModelConfig.preset(preset), torch_dtype="float32").validate()
     tcfg = TrainConfig(preset=preset)
     notes: list[str] = []
@@ -183,19 +184,19 @@ def build_sides(preset: str) -> tuple[dict, ModelConfig, list[str]]:
     with tempfile.TemporaryDirectory(prefix="dsv3-bench-train-") as tmp:
         save_pretrained(base, tmp, cfg)
         if auto is not None:
-            sides["transformers_fp32"] = HFSide(_load_hf(auto, tmp), tcfg, autocast=False)
-            sides["transformers_bf16"] = HFSide(_load_hf(auto, tmp), tcfg, autocast=True)
+            sides["transformers_fp32"] = HFSide(_load_hf(auto, tmp).to(device), tcfg, autocast=False)
+            sides["transformers_bf16"] = HFSide(_load_hf(auto, tmp).to(device), tcfg, autocast=True)
     state = base.state_dict()
-    sides["dsv3_bf16"] = Dsv3Side(base, cfg, tcfg, fp8=False)
     copy = build_model(cfg, dtype=torch.float32, init=False)
     copy.load_state_dict(state)
-    sides["dsv3_fp8"] = Dsv3Side(copy, cfg, tcfg, fp8=True)
+    sides["dsv3_bf16"] = Dsv3Side(base.to(device), cfg, tcfg, fp8=False)
+    sides["dsv3_fp8"] = Dsv3Side(copy.to(device), cfg, tcfg, fp8=True)
     return sides, cfg, notes
 
 
-def make_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 1234):
+def make_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 1234, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(2, cfg.vocab_size, (batch, seq_len + 1), generator=g)
+    tokens = torch.randint(2, cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
@@ -211,10 +212,13 @@ def step_fns(sides: dict, x, y, optimizer: bool) -> dict[str, Callable[[], float
     return fns
 
 
-def run_bench(preset: str, batch: int, seq_len: int, quick: bool) -> tuple[list[dict], list[str]]:
-    """Returns (rows, notes). Every row is a dict with a "case" key."""
-    sides, cfg, notes = build_sides(preset)
-    x, y = make_batch(cfg, batch, seq_len)
+def run_bench(
+    preset: str, batch: int, seq_len: int, quick: bool, device: str = "cpu"
+) -> tuple[list[dict], list[str]]:
+    """Returns (rows, notes). Every row is a dict with a "case" key. Every step ends by reading its loss
+    back (float), so on a GPU the timings cover the finished step."""
+    sides, cfg, notes = build_sides(preset, device)
+    x, y = make_batch(cfg, batch, seq_len, device=device)
     have_hf = "transformers_fp32" in sides
     rows: list[dict] = []
 
@@ -354,18 +358,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128, --quick 32)")
     p.add_argument("--json", default="bench-results/train.json", help="where to write the results")
     p.add_argument("--quick", action="store_true", help="batch 2, 32 tokens, 1 round (a smoke run)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = p.parse_args(argv)
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: use cpu, or cuda[:N] with a visible GPU")
     for name, default, quick in (("batch", 8, 2), ("seq_len", 128, 32)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     t0 = time.perf_counter()
-    rows, notes = run_bench(args.preset, args.batch, args.seq_len, args.quick)
-    print(environment_line(f"preset {args.preset}"))
+    rows, notes = run_bench(args.preset, args.batch, args.seq_len, args.quick, args.device)
+    print(environment_line(f"preset {args.preset}", device=args.device))
     print_table(rows, notes, args)
     print(f"({time.perf_counter() - t0:.0f} s)")
-    write_json(args.json, "cpu", rows)
+    write_json(args.json, args.device, rows)
     return 0
 
 

@@ -36,6 +36,8 @@ def update_router_bias(model: torch.nn.Module, loads: list[torch.Tensor], gamma:
         raise ValueError(f"update_router_bias: {len(loads)} load vectors for {len(layers)} MoE layers")
     stacked = torch.stack(loads) if loads else torch.zeros(0)
     if dist.is_available() and dist.is_initialized() and stacked.numel():
+        # on the biases' device: NCCL reduces CUDA tensors only
+        stacked = stacked.to(layers[0].gate.e_score_correction_bias.device)
         dist.all_reduce(stacked)
     for moe, load in zip(layers, stacked, strict=True):
         bias = moe.gate.e_score_correction_bias

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ class TrainConfig:
     # mtp_loss = balance_loss = 0.0); the auxiliary-loss-free bias update stays on. Incompatible with
     # expert_parallel.
     pipeline: str = "none"
+    # Where the model trains: "cpu", "cuda" (cuda:LOCAL_RANK under torchrun, else the current device),
+    # "cuda:N", or "auto": cuda when torch sees a GPU and dsv3 holds its CUDA kernels, else cpu. Data batches
+    # are moved there; checkpoints are written from and read back to it (CPU tensors on disk). DualPipe runs
+    # on CPU ranks (gloo) only: "auto" picks cpu for it.
+    device: str = "auto"
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, msg: str) -> None:
@@ -90,6 +96,10 @@ class TrainConfig:
             f"ep_backend must be buffer|alltoall, got {self.ep_backend!r}",
         )
         need(self.pipeline in ("none", "dualpipe"), f"pipeline must be none|dualpipe, got {self.pipeline!r}")
+        need(
+            self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+            f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
         if self.pipeline == "dualpipe":
             need(not self.expert_parallel, "pipeline='dualpipe' is incompatible with expert_parallel")
             chunks = self.global_batch // self.micro_batch
@@ -114,6 +124,37 @@ class TrainConfig:
         return cls(**d).validate()
 
 
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device `cfg.device` names on this process (see TrainConfig.device). Raises ValueError when it
+    cannot be used: no CUDA device visible, a dsv3 build without CUDA kernels, or DualPipe on a GPU."""
+    import dsv3
+
+    has_kernels = bool(dsv3.build_info()["cuda_archs"])
+    name = cfg.device
+    if name == "auto":
+        usable = torch.cuda.is_available() and has_kernels and cfg.pipeline != "dualpipe"
+        name = "cuda" if usable else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig: device {cfg.device!r}, but torch sees no CUDA device")
+    if not has_kernels:
+        raise ValueError(
+            f"TrainConfig: device {cfg.device!r}, but dsv3 was built without its CUDA kernels (CPU-only "
+            f"build: reinstall with DSV3_CUDA=on)"
+        )
+    if cfg.pipeline == "dualpipe":
+        raise ValueError("TrainConfig: pipeline='dualpipe' runs on CPU ranks only (device='cpu')")
+    dev = torch.device(name)
+    if dev.index is None:
+        local = os.environ.get("LOCAL_RANK")
+        dev = torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise ValueError(f"TrainConfig: device {dev} but torch sees {torch.cuda.device_count()} CUDA devices")
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -126,6 +167,7 @@ class Trainer:
 
         self.cfg, self.out, self.log = cfg.validate(), Path(out_dir), log
         self.rank, self.world = _world()
+        self.device = resolve_device(self.cfg)
         # -- DualPipe: one pipeline over all ranks, no data parallelism (see TrainConfig.pipeline)
         self.dualpipe = cfg.pipeline == "dualpipe"
         if self.dualpipe:
@@ -171,6 +213,7 @@ class Trainer:
             self.model = build_model(self.model_cfg, torch.float32, expert_ids=ids, init=False)
             ep_mod.load_expert_shard(self.model, full)
             del full
+        self.model.to(self.device)  # initialised on the CPU: the same seeded weights on every device
         if cfg.precision == "fp8":
             from .fp8_linear import enable_fp8_training
 
@@ -251,6 +294,7 @@ class Trainer:
         loads = None
         sums = {"main": 0.0, "mtp": 0.0, "balance": 0.0}
         for x, y in self.loader.next_step():
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             parts = self.losses(x, y)
             (parts["total"] / self.accum).backward()
             for k in sums:
@@ -264,7 +308,7 @@ class Trainer:
                     if not ep_mod.is_expert_parallel(p):  # rank-owned experts: summed by the all-to-all
                         dist.all_reduce(p.grad)
                     p.grad /= self.world
-            t = torch.tensor([sums["main"], sums["mtp"], sums["balance"]])
+            t = torch.tensor([sums["main"], sums["mtp"], sums["balance"]], device=self.device)
             dist.all_reduce(t)
             sums = dict(zip(("main", "mtp", "balance"), (t / self.world).tolist(), strict=True))
         if self.expert_parallel:  # the norm over the whole model: expert gradients live on their ranks
@@ -402,8 +446,10 @@ class Trainer:
                     losses.append(float(_main_ce(m(x), y)))
             return sum(losses) / max(1, len(losses))
         self.model.eval()
+        dev = self.device
         losses = [
-            float(self.losses(x, y)["main"]) for x, y in self.data.validation_batches(self.cfg.micro_batch)
+            float(self.losses(x.to(dev), y.to(dev))["main"])
+            for x, y in self.data.validation_batches(self.cfg.micro_batch)
         ]
         self.model.train()
         return sum(losses) / max(1, len(losses))
@@ -438,7 +484,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             d = tmp
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, d / "model.safetensors")
+        state = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(state, d / "model.safetensors")
         names = {id(p): n for n, p in self.model.named_parameters()}
         opt_tensors, opt_steps = {}, {}
         for group in self.opt.param_groups:
@@ -446,10 +493,12 @@ class Trainer:
                 st = self.opt.state.get(p)
                 if st:
                     n = names[id(p)]
-                    opt_tensors[f"{n}.exp_avg"] = st["exp_avg"]
-                    opt_tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"]
+                    opt_tensors[f"{n}.exp_avg"] = st["exp_avg"].cpu()
+                    opt_tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].cpu()
                     opt_steps[n] = st["step"]
         opt_tensors["__rng_torch__"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            opt_tensors["__rng_cuda__"] = torch.cuda.get_rng_state(self.device)
         save_file(opt_tensors, d / "optimizer.safetensors")
         meta = {
             "step": self.step,
@@ -498,12 +547,15 @@ class Trainer:
         opt = load_file(path / "optimizer.safetensors")
         params = dict(self.model.named_parameters())
         for n, k in meta["optimizer_steps"].items():
+            dev = params[n].device
             self.opt.state[params[n]] = {
                 "step": k,
-                "exp_avg": opt[f"{n}.exp_avg"].clone(),
-                "exp_avg_sq": opt[f"{n}.exp_avg_sq"].clone(),
+                "exp_avg": opt[f"{n}.exp_avg"].to(dev, copy=True),
+                "exp_avg_sq": opt[f"{n}.exp_avg_sq"].to(dev, copy=True),
             }
         torch.set_rng_state(opt["__rng_torch__"])
+        if self.device.type == "cuda" and "__rng_cuda__" in opt:
+            torch.cuda.set_rng_state(opt["__rng_cuda__"], self.device)
         random.setstate(_tuple(meta["python_rng"]))
         self.loader.load_state_dict(meta["loader"])
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
