@@ -1,5 +1,6 @@
 """FP8 training GEMMs (dsv3.train.fp8_linear): Fprop/Dgrad/Wgrad against exact autograd and against the ops
-they are built from, the grouped experts, and switching the model to FP8 compute.
+they are built from, the grouped experts, and switching the model to FP8 compute. Inputs shared by several
+projections are quantized once; those paths are checked bit for bit against the per-layer recipe.
 
 Accuracy bounds are calc_diff (1 - 2Σxy / Σ(x² + y²)) against float64 autograd. Measured values on these
 seeds are stated next to each bound; the bounds leave about 3x margin."""
@@ -16,15 +17,22 @@ from torch import nn
 
 from dsv3 import ops
 from dsv3.model import ModelConfig, build_model
+from dsv3.model.layers import MLP
+from dsv3.model.mla import MLA
 from dsv3.model.moe import Experts
 from dsv3.train.fp8_linear import (
     FP8TrainExperts,
     FP8TrainLinear,
+    FP8TrainMLA,
+    FP8TrainMLP,
+    _KGroupedLayout,
     disable_fp8_training,
     enable_fp8_training,
     fp8_grouped_experts,
     fp8_grouped_linear,
+    fp8_grouped_linears,
     fp8_linear,
+    fp8_linears,
     transpose_block_quantized,
 )
 
@@ -277,6 +285,13 @@ def test_enable_fp8_training_on_tiny_model():
         "model.layers.3.mlp.shared_experts",
     ):
         assert all(kinds[f"{mlp}.{p}"] is FP8TrainLinear for p in ("gate_proj", "up_proj", "down_proj"))
+    assert (
+        kinds["model.layers.0.mlp"] is FP8TrainMLP
+        and kinds["model.layers.1.mlp.shared_experts"] is FP8TrainMLP
+    )
+    assert (
+        kinds["model.layers.0.self_attn"] is FP8TrainMLA and kinds["model.layers.3.self_attn"] is FP8TrainMLA
+    )
     assert kinds["model.layers.1.mlp.experts"] is FP8TrainExperts
     assert kinds["model.layers.3.mlp.experts"] is FP8TrainExperts  # the MTP block's experts
     for name in ("lm_head", "model.layers.3.eh_proj", "model.layers.3.shared_head.head"):
@@ -294,8 +309,10 @@ def test_enable_fp8_training_on_tiny_model():
     assert ops.calc_diff(grads, torch.cat([g.flatten() for g in ref_grads.values()])) < 3e-3
 
     assert disable_fp8_training(model) is model
-    assert {type(m) for m in model.modules()}.isdisjoint({FP8TrainLinear, FP8TrainExperts})
+    fp8_kinds = {FP8TrainLinear, FP8TrainExperts, FP8TrainMLP, FP8TrainMLA}
+    assert {type(m) for m in model.modules()}.isdisjoint(fp8_kinds)
     assert type(model.model.layers[1].mlp.experts) is Experts
+    assert type(model.model.layers[0].mlp) is MLP and type(model.model.layers[0].self_attn) is MLA
     with torch.no_grad():
         _assert_bit_equal(model(ids), logits_before)
 
@@ -321,3 +338,195 @@ def test_enable_fp8_training_rejects_fp8_inference_weights():
     with pytest.raises(ValueError, match="master weights"):
         enable_fp8_training(model)
     assert not any(isinstance(m, (FP8TrainLinear, FP8TrainExperts)) for m in model.modules())
+
+
+# ---- quantizing shared inputs once: bit-identical to the per-layer recipe ---------------------------------
+
+
+def _segment_reference(t, m_indices, groups):
+    """Wgrad's token-major operands composed from the op: each group's rows (in row order) quantized on
+    their own along tokens, concatenated in group order."""
+    parts = [ops.quantize_per_token_group(t[m_indices == g].t().contiguous()) for g in range(groups)]
+    return torch.cat([q for q, _ in parts], 1), torch.cat([s for _, s in parts], 1)
+
+
+def _layout_cases():
+    g = torch.Generator().manual_seed(5)
+    sizes = [1, 127, 0, 128, 129, 3]
+    ordered = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    shuffled = ordered[torch.randperm(len(ordered), generator=g)]
+    with_skips = torch.cat([torch.full((4,), -1), ordered[:128], torch.full((3,), -1), ordered[128:]])
+    contiguous_out_of_order = torch.cat([ordered[ordered == 4], ordered[ordered < 4], ordered[ordered == 5]])
+    split_group = torch.cat([ordered[:60], torch.full((2,), -1), ordered[60:]])  # group 1 in two runs
+    return {
+        "sorted": (ordered, True),
+        "unsorted": (shuffled, False),
+        "minus_one_rows": (with_skips, True),
+        "groups_out_of_order": (contiguous_out_of_order, True),
+        "group_split_by_skips": (split_group, False),
+        "one_group": (torch.full((130,), 2), True),
+        "all_skipped": (torch.full((5,), -1), True),
+    }
+
+
+@pytest.mark.parametrize("case", list(_layout_cases()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_grouped_layout_matches_per_segment_quantization(case, dtype):
+    """Both layout paths (per-segment for contiguous groups, pad + gather otherwise) give the codes and
+    scales of quantizing each group's rows on its own; groups of 0, 1, 127, 128, 129 rows."""
+    m_indices, contiguous = _layout_cases()[case]
+    groups = 6
+    t = torch.randn(len(m_indices), 200, dtype=dtype)
+    t[::7] *= 50  # tiles with very different amax
+    layout = _KGroupedLayout(m_indices.int(), groups)
+    assert (layout.segments is not None) == contiguous
+    q_ref, s_ref = _segment_reference(t, m_indices, groups)
+    q, s = layout.quantize(t)
+    _assert_bit_equal(q, q_ref)
+    _assert_bit_equal(s, s_ref)
+    assert q.is_contiguous() and s.is_contiguous()
+    layout.segments = None  # the general path on the same rows
+    q, s = layout.quantize(t)
+    _assert_bit_equal(q, q_ref)
+    _assert_bit_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linears_equal_separate_linears(dtype):
+    """Two weights over one x: outputs and grads bit-equal to two fp8_linear calls; an unused output gives
+    its weight no grad and x no contribution."""
+    x = torch.randn(2, 90, 200, dtype=dtype, requires_grad=True)
+    ws = [(torch.randn(n, 200) * 0.05).requires_grad_(True) for n in (300, 136)]
+    ys = fp8_linears(x, ws)
+    dys = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, dys)
+    xr = x.detach().clone().requires_grad_(True)
+    wr = [w.detach().clone().requires_grad_(True) for w in ws]
+    yr = [fp8_linear(xr, w) for w in wr]
+    torch.autograd.backward(yr, dys)
+    for a, b in zip(ys + [x.grad] + [w.grad for w in ws], yr + [xr.grad] + [w.grad for w in wr], strict=True):
+        _assert_bit_equal(a.detach(), b.detach())
+
+    x.grad = None
+    ws[0].grad = ws[1].grad = None
+    fp8_linears(x, ws)[1].backward(dys[1])
+    assert ws[0].grad is None
+    _assert_bit_equal(ws[1].grad, wr[1].grad)
+    xr.grad = None
+    fp8_linear(xr, wr[1]).backward(dys[1])
+    _assert_bit_equal(x.grad, xr.grad)
+
+    with pytest.raises(ValueError, match="input features"):
+        fp8_linears(x, [ws[0], torch.randn(10, 100)])
+    with pytest.raises(ValueError, match="at least one"):
+        fp8_linears(x, [])
+
+
+def test_fp8_grouped_linears_equal_separate_linears():
+    x, m_indices, ws = _grouped_problem(COUNTS)
+    ys = fp8_grouped_linears(x, m_indices, ws[:2])
+    dys = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, dys)
+    xr = x.detach().clone().requires_grad_(True)
+    wr = [w.detach().clone().requires_grad_(True) for w in ws[:2]]
+    yr = [fp8_grouped_linear(xr, m_indices, w) for w in wr]
+    torch.autograd.backward(yr, dys)
+    for a, b in zip(
+        ys + [x.grad, *(w.grad for w in ws[:2])], yr + [xr.grad, *(w.grad for w in wr)], strict=True
+    ):
+        _assert_bit_equal(a.detach(), b.detach())
+    with pytest.raises(ValueError, match="one E"):
+        fp8_grouped_linears(x, m_indices, [ws[0], ws[0][:2]])
+    with pytest.raises(ValueError, match="w_down"):
+        fp8_grouped_experts(x, m_indices, ws[0], ws[1], ws[2][..., :100])
+
+
+def _reference_dtype(x):
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _gemm_out(dtype):
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+class _RecipeLinear(torch.autograd.Function):
+    """One linear of the recipe composed from the ops, x quantized by each layer for itself."""
+
+    @staticmethod
+    def forward(ctx, x, w, m_indices, out_dtype):
+        qw, sw = ops.quantize_per_block(w.detach())
+        a, sa = ops.quantize_per_token_group(x)
+        if m_indices is None:
+            y = ops.fp8_gemm_nt(a, sa, qw, sw, out_dtype=_gemm_out(out_dtype))
+        else:
+            y = ops.m_grouped_fp8_gemm_nt_contiguous(a, sa, qw, sw, m_indices, out_dtype=_gemm_out(out_dtype))
+        ctx.save_for_backward(x, qw, sw, m_indices)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, qw, sw, m_indices = ctx.saved_tensors
+        g, sg = ops.quantize_per_token_group(dy)
+        qwt, swt = qw.transpose(-1, -2).contiguous(), sw.transpose(-1, -2).contiguous()
+        dw = torch.zeros(qw.shape)
+        if m_indices is None:
+            dx = ops.fp8_gemm_nt(g, sg, qwt, swt, out_dtype=_gemm_out(x.dtype))
+            at, sat = ops.quantize_per_token_group(dy.t().contiguous())
+            bt, sbt = ops.quantize_per_token_group(x.t().contiguous())
+            ops.fp8_gemm_wgrad_nt(at, sat, bt, sbt, out=dw)
+        else:
+            dx = ops.m_grouped_fp8_gemm_nt_contiguous(
+                g, sg, qwt, swt, m_indices, out_dtype=_gemm_out(x.dtype)
+            )
+            at, sat = _segment_reference(dy, m_indices, qw.shape[0])
+            bt, sbt = _segment_reference(x, m_indices, qw.shape[0])
+            ks = torch.bincount(m_indices[m_indices >= 0].long(), minlength=qw.shape[0])
+            ops.k_grouped_fp8_gemm_wgrad_nt(at, sat, bt, sbt, ks, out=dw)
+        return dx.to(x.dtype), dw, None, None
+
+
+class _RecipeLinearModule(nn.Linear):
+    def forward(self, x):
+        y = _RecipeLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, None, _reference_dtype(x))
+        return y.view(*x.shape[:-1], -1)
+
+
+class _RecipeExperts(Experts):
+    def forward(self, x, local_idx):
+        m = local_idx.int()
+        dtype = _reference_dtype(x)
+        h = F.silu(_RecipeLinear.apply(x, self.gate_proj, m, dtype)) * _RecipeLinear.apply(
+            x, self.up_proj, m, dtype
+        )
+        return _RecipeLinear.apply(h, self.down_proj, m, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype, autocast, q_lora_rank",
+    [(torch.float32, True, 96), (torch.float32, False, None), (torch.bfloat16, False, 96)],
+)
+def test_fp8_training_step_is_the_per_layer_recipe(dtype, autocast, q_lora_rank):
+    """The whole FP8 model (shared quantization of MLP/MLA/expert inputs, per-segment Wgrad layout) against
+    every projection run as its own recipe linear composed from the ops: loss and every gradient equal bit
+    for bit (fp32 masters under bf16 autocast as the trainer runs them, plain fp32, bf16; both query
+    paths)."""
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), q_lora_rank=q_lora_rank)
+    ids = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(6))
+    results = []
+    for recipe in (False, True):
+        model = enable_fp8_training(build_model(cfg, dtype=dtype, seed=4))
+        if recipe:
+            swap = {FP8TrainLinear: _RecipeLinearModule, FP8TrainExperts: _RecipeExperts}
+            swap.update({FP8TrainMLP: MLP, FP8TrainMLA: MLA})
+            for m in model.modules():
+                m.__class__ = swap.get(type(m), type(m))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = _tiny_loss(model, ids)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ref, grads_ref) = results
+    _assert_bit_equal(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads.items():
+        assert g is not None, n
+        _assert_bit_equal(g, grads_ref[n])

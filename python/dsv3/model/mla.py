@@ -59,10 +59,17 @@ class MLA(nn.Module):
         self._absorbed_key = None
         self._absorbed = None
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections that read x: q_proj(x) (q_a_proj(x) with query compression) and
+        kv_a_proj_with_mqa(x). One method, so FP8 training can quantize x once for both."""
+        query = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        return query(x), self.kv_a_proj_with_mqa(x)
+
+    def _query(self, q_in: torch.Tensor) -> torch.Tensor:
+        """The query from the output of `_input_projections`' first projection."""
         if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return q_in
+        return self.q_b_proj(self.q_a_layernorm(q_in))
 
     def _kv_b_weight(self) -> torch.Tensor:
         w = self.kv_b_proj
@@ -83,10 +90,11 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x [b, s, hidden]; cos/sin [b, s, rope/2] for the tokens' positions."""
         b, s, _ = x.shape
-        q = self._query(x).view(b, s, self.n_heads, self.nope + self.rope)
+        q_in, kv_in = self._input_projections(x)
+        q = self._query(q_in).view(b, s, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))  # eq. 8
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c_kv, k_pe = kv_in.split([self.kv_lora_rank, self.rope], dim=-1)
         k_pe = apply_rotary(k_pe, cos, sin)  # eq. 3: one rotated key shared by every head
         c_kv = self.kv_a_layernorm(c_kv)
         if cache is None:

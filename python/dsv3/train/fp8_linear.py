@@ -13,12 +13,18 @@ Scales are computed online from each step's tensors. The grouped variant serves 
 ([E, out, in] stacked weights, token rows grouped by expert): `m_grouped_fp8_gemm_nt_contiguous` for Fprop
 and Dgrad, `k_grouped_fp8_gemm_wgrad_nt` for Wgrad with each expert's tokens as its own K segment.
 
+Projections reading the same input (gate/up of an MLP or of the routed experts, the input projections of
+MLA) quantize it once for all of them, forward and backward; every GEMM and its operands stay those of
+separate layers, so the numbers are the same.
+
 `enable_fp8_training(model)` switches a BF16/FP32 `DeepseekV3` to this compute in place (attention and
 MLP/expert projections only; embedding, head, router, norms and the MTP projections keep full precision)
 without touching its parameters; `disable_fp8_training(model)` switches it back.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +39,13 @@ __all__ = [
     "FP8LinearFunction",
     "FP8GroupedLinearFunction",
     "FP8TrainLinear",
+    "FP8TrainMLP",
+    "FP8TrainMLA",
     "FP8TrainExperts",
     "fp8_linear",
+    "fp8_linears",
     "fp8_grouped_linear",
+    "fp8_grouped_linears",
     "fp8_grouped_experts",
     "transpose_block_quantized",
     "enable_fp8_training",
@@ -74,51 +84,84 @@ def _quantize_along_tokens(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ with FP8 Fprop/Dgrad/Wgrad. x [T, in] (2-D; `fp8_linear` flattens), W [out, in] master
-    weight. Saves x (for Wgrad's token-major quantization) and q(W) (reused transposed by Dgrad)."""
+    """y_i = x·W_iᵀ for one or more master weights W_i [out_i, in] reading the same x [T, in] (2-D;
+    `fp8_linear` flattens): gate/up of an MLP, the input projections of MLA. x is quantized once for every
+    Fprop (1 x 128 along `in`) and once for every Wgrad (1 x 128 along tokens); each GEMM is the one a
+    separate linear would run. dx = Σ_i dy_i·W_i, each term in x's dtype, summed as autograd sums the grads
+    of separate uses of x (bit-identical for one or two weights, where the order cannot matter). Saves x and
+    each q(W_i) (reused transposed by Dgrad)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        qw, sw = ops.quantize_per_block(weight.detach(), _BLOCK)
+    def forward(
+        ctx, x: torch.Tensor, out_dtype: torch.dtype, *weights: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused output contributes no Dgrad and no Wgrad
         a, sa = ops.quantize_per_token_group(x, _BLOCK)
-        y = ops.fp8_gemm_nt(a, sa, qw, sw, out_dtype=_gemm_dtype(out_dtype))
-        ctx.save_for_backward(x, qw, sw)
-        return y.to(out_dtype)
+        ys, quantized = [], []
+        for weight in weights:
+            qw, sw = ops.quantize_per_block(weight.detach(), _BLOCK)
+            ys.append(ops.fp8_gemm_nt(a, sa, qw, sw, out_dtype=_gemm_dtype(out_dtype)).to(out_dtype))
+            quantized += [qw, sw]
+        ctx.save_for_backward(x, *quantized)
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, qw, sw = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            g, sg = ops.quantize_per_token_group(dy, _BLOCK)
-            qwt, swt = transpose_block_quantized(qw, sw)
-            dx = ops.fp8_gemm_nt(g, sg, qwt, swt, out_dtype=_gemm_dtype(x.dtype)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # fp32 out whatever the master dtype: autograd casts it to W's dtype and adds it to an existing
-            # W.grad (gradient accumulation), so nothing is lost for fp32 masters.
-            dw = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
-            a, sa = _quantize_along_tokens(dy)
-            b, sb = _quantize_along_tokens(x)
-            ops.fp8_gemm_wgrad_nt(a, sa, b, sb, out=dw)
-        return dx, dw, None
+    def backward(ctx, *dys: torch.Tensor | None):
+        x, *quantized = ctx.saved_tensors
+        dx, dws, xt = None, [None] * len(dys), None
+        for i, dy in enumerate(dys):
+            if dy is None:
+                continue
+            qw, sw = quantized[2 * i], quantized[2 * i + 1]
+            if ctx.needs_input_grad[0]:
+                g, sg = ops.quantize_per_token_group(dy, _BLOCK)
+                qwt, swt = transpose_block_quantized(qw, sw)
+                d = ops.fp8_gemm_nt(g, sg, qwt, swt, out_dtype=_gemm_dtype(x.dtype)).to(x.dtype)
+                dx = d if dx is None else dx.add_(d)  # dx is this function's own GEMM output
+            if ctx.needs_input_grad[2 + i]:
+                if xt is None:
+                    xt = _quantize_along_tokens(x)
+                # fp32 out whatever the master dtype: autograd casts it to W's dtype and adds it to an
+                # existing W.grad (gradient accumulation), so nothing is lost for fp32 masters.
+                dws[i] = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
+                a, sa = _quantize_along_tokens(dy)
+                ops.fp8_gemm_wgrad_nt(a, sa, *xt, out=dws[i])
+        return dx, None, *dws
+
+
+def _check_linear_weights(x: torch.Tensor, weights: Sequence[torch.Tensor], name: str) -> None:
+    if not weights:
+        raise ValueError(f"{name}: weights must hold at least one weight")
+    for w in weights:
+        if w.dim() != 2 or x.shape[-1] != w.shape[-1]:
+            raise ValueError(f"{name}: x has {x.shape[-1]} input features, weight is {tuple(w.shape)}")
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias) with FP8 GEMMs in forward and backward. x [..., in] (bf16 or fp32:
     the output's dtype, or the autocast dtype under autocast), weight [out, in] (fp32 or bf16 master)."""
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"fp8_linear: x has {x.shape[-1]} input features, weight is {tuple(weight.shape)}")
+    return fp8_linears(x, [weight])[0]
+
+
+def fp8_linears(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`[fp8_linear(x, w) for w in weights]`, bit for bit (outputs and, for up to two weights, grads), with
+    x quantized once for all of them in forward and once in backward."""
+    _check_linear_weights(x, weights, "fp8_linears" if len(weights) != 1 else "fp8_linear")
     lead = x.shape[:-1]
-    y = FP8LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, _output_dtype(x))
-    return y.view(*lead, weight.shape[0])
+    ys = FP8LinearFunction.apply(x.reshape(-1, x.shape[-1]), _output_dtype(x), *weights)
+    return [y.view(*lead, w.shape[0]) for y, w in zip(ys, weights, strict=True)]
 
 
 class _KGroupedLayout:
     """Where Wgrad's token-major operands put each row for `k_grouped_fp8_gemm_wgrad_nt`: the rows of group
-    g (in row order) form K segment g, and the 1 x 128 token tiles restart at each segment. Quantization
-    runs once over a buffer with every segment zero-padded to a multiple of 128 tokens (zeros never raise a
-    tile's amax, so the scales are those of the unpadded segment), then the real columns are gathered back.
-    Rows with group -1 (skipped by the grouped GEMM) are left out."""
+    g (in row order) form K segment g, and the 1 x 128 token tiles restart at each segment. Rows with group
+    -1 (skipped by the grouped GEMM) are left out.
+
+    When every group's rows are one contiguous run (the dispatchers sort rows by expert), each segment is
+    quantized from its own rows and the segments are concatenated. Otherwise quantization runs once over a
+    buffer with every segment zero-padded to a multiple of 128 tokens (zeros never raise a tile's amax, so
+    the scales are those of the unpadded segment) and the real columns are gathered back. Both give the
+    codes and scales of quantizing each segment on its own."""
 
     def __init__(self, m_indices: torch.Tensor, groups: int):
         idx = m_indices.long()
@@ -126,69 +169,156 @@ class _KGroupedLayout:
         counts = torch.bincount(idx[valid], minlength=groups)
         if counts.numel() != groups:
             raise ValueError(f"m_indices must be in [-1, {groups}), got a value {counts.numel() - 1}")
-        self.ks = counts.tolist()
-        padded = (counts + _BLOCK - 1) // _BLOCK * _BLOCK
-        self.padded_total = int(padded.sum())
-        # Stable sort by group (-1 rows last): position j of the sorted order is column j of the operands.
-        key = torch.where(valid, idx, groups)
-        self.rows = torch.argsort(key, stable=True)[: sum(self.ks)]
-        group = idx[self.rows]
-        start = torch.cumsum(counts, 0) - counts
-        pad_start = torch.cumsum(padded, 0) - padded
-        rank = torch.arange(len(self.rows), device=idx.device) - start[group]
-        self.columns = pad_start[group] + rank  # each sorted row's column in the padded buffer
+        self.groups = groups
+        self.idx, self.valid, self.counts = idx, valid, counts
+        # First row of each run of equal indices; groups are contiguous when no group has two runs.
+        run_start = torch.ones_like(valid)
+        run_start[1:] = idx[1:] != idx[:-1]
+        starts = (run_start & valid).nonzero().squeeze(1)
+        first = torch.zeros(groups, dtype=torch.long, device=idx.device)
+        first[idx[starts]] = starts
+        summary = torch.cat([counts, first, torch.tensor([starts.numel()], device=idx.device)]).tolist()
+        self.ks = summary[:groups]
+        contiguous = summary[-1] == sum(k > 0 for k in self.ks)
+        self.segments = (
+            [(r0, k) for r0, k in zip(summary[groups : 2 * groups], self.ks, strict=True) if k > 0]
+            if contiguous
+            else None
+        )
+        self._gather: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def _gather_plan(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(rows, columns, padded_total) of the general path: the rows in segment order and each one's
+        column in the padded buffer."""
+        if self._gather is None:
+            idx, counts = self.idx, self.counts
+            padded = (counts + _BLOCK - 1) // _BLOCK * _BLOCK
+            # Stable sort by group (-1 rows last): position j of the sorted order is column j of the operands.
+            key = torch.where(self.valid, idx, self.groups)
+            rows = torch.argsort(key, stable=True)[: sum(self.ks)]
+            group = idx[rows]
+            start = torch.cumsum(counts, 0) - counts
+            pad_start = torch.cumsum(padded, 0) - padded
+            rank = torch.arange(len(rows), device=idx.device) - start[group]
+            self._gather = rows, pad_start[group] + rank, int(padded.sum())
+        return self._gather
 
     def quantize(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [N, C] rows -> codes [C, ΣK] and scales [C, Σ ceil(ks/128)]."""
-        buf = t.new_zeros(self.padded_total, t.shape[1])
-        buf[self.columns] = t[self.rows]
+        if self.segments is not None:
+            parts = [_quantize_along_tokens(t[r0 : r0 + k]) for r0, k in self.segments]
+            if len(parts) == 1:
+                return parts[0]
+            if not parts:
+                return _quantize_along_tokens(t[:0])
+            return torch.cat([q for q, _ in parts], 1), torch.cat([s for _, s in parts], 1)
+        rows, columns, padded_total = self._gather_plan()
+        buf = t.new_zeros(padded_total, t.shape[1])
+        buf[columns] = t[rows]
         q, s = _quantize_along_tokens(buf)
-        return q[:, self.columns].contiguous(), s
+        return q[:, columns].contiguous(), s
+
+
+class _SharedLayout:
+    """The `_KGroupedLayout` of one m_indices over `groups` experts, built by the first backward that needs
+    it and shared by every grouped GEMM over those rows (gate, up and down of an expert block)."""
+
+    def __init__(self, m_indices: torch.Tensor, groups: int) -> None:
+        self.m_indices, self.groups = m_indices, groups
+        self._layout: _KGroupedLayout | None = None
+
+    def get(self) -> _KGroupedLayout:
+        if self._layout is None:
+            self._layout = _KGroupedLayout(self.m_indices, self.groups)
+        return self._layout
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
-    """Row r of x [N, in] times expert `m_indices[r]` of W [E, out, in], FP8 in all three GEMMs; rows with
-    index -1 give zero outputs and no gradient."""
+    """Row r of x [N, in] times expert `m_indices[r]` of each W_i [E, out_i, in] (one or more stacked
+    masters reading the same rows: gate and up), FP8 in all three GEMMs; rows with index -1 give zero
+    outputs and no gradient. x is quantized once per direction for all weights, as in FP8LinearFunction."""
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, m_indices: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
-    ) -> torch.Tensor:
-        qw, sw = ops.quantize_per_block(weight.detach(), _BLOCK)
+        ctx,
+        x: torch.Tensor,
+        m_indices: torch.Tensor,
+        layout: _SharedLayout,
+        out_dtype: torch.dtype,
+        *weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
         a, sa = ops.quantize_per_token_group(x, _BLOCK)
-        y = ops.m_grouped_fp8_gemm_nt_contiguous(a, sa, qw, sw, m_indices, out_dtype=_gemm_dtype(out_dtype))
-        ctx.save_for_backward(x, m_indices, qw, sw)
-        return y.to(out_dtype)
+        ys, quantized = [], []
+        for weight in weights:
+            qw, sw = ops.quantize_per_block(weight.detach(), _BLOCK)
+            y = ops.m_grouped_fp8_gemm_nt_contiguous(
+                a, sa, qw, sw, m_indices, out_dtype=_gemm_dtype(out_dtype)
+            )
+            ys.append(y.to(out_dtype))
+            quantized += [qw, sw]
+        ctx.save_for_backward(x, m_indices, *quantized)
+        ctx.layout = layout
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, m_indices, qw, sw = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            g, sg = ops.quantize_per_token_group(dy, _BLOCK)
-            qwt, swt = transpose_block_quantized(qw, sw)
-            dx = ops.m_grouped_fp8_gemm_nt_contiguous(
-                g, sg, qwt, swt, m_indices, out_dtype=_gemm_dtype(x.dtype)
-            ).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            layout = _KGroupedLayout(m_indices, qw.shape[0])
-            dw = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
-            a, sa = layout.quantize(dy)
-            b, sb = layout.quantize(x)
-            ops.k_grouped_fp8_gemm_wgrad_nt(a, sa, b, sb, layout.ks, out=dw)
-        return dx, None, dw, None
+    def backward(ctx, *dys: torch.Tensor | None):
+        x, m_indices, *quantized = ctx.saved_tensors
+        dx, dws, xt = None, [None] * len(dys), None
+        for i, dy in enumerate(dys):
+            if dy is None:
+                continue
+            qw, sw = quantized[2 * i], quantized[2 * i + 1]
+            if ctx.needs_input_grad[0]:
+                g, sg = ops.quantize_per_token_group(dy, _BLOCK)
+                qwt, swt = transpose_block_quantized(qw, sw)
+                d = ops.m_grouped_fp8_gemm_nt_contiguous(
+                    g, sg, qwt, swt, m_indices, out_dtype=_gemm_dtype(x.dtype)
+                ).to(x.dtype)
+                dx = d if dx is None else dx.add_(d)  # dx is this function's own GEMM output
+            if ctx.needs_input_grad[4 + i]:
+                layout = ctx.layout.get()
+                if xt is None:
+                    xt = layout.quantize(x)
+                dws[i] = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
+                a, sa = layout.quantize(dy)
+                ops.k_grouped_fp8_gemm_wgrad_nt(a, sa, *xt, layout.ks, out=dws[i])
+        return dx, None, None, None, *dws
+
+
+def _check_grouped(x: torch.Tensor, weights: Sequence[torch.Tensor], name: str) -> None:
+    for w in weights:
+        if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2] or w.shape[0] != weights[0].shape[0]:
+            raise ValueError(
+                f"{name}: x must be [N, in] and weights [E, out, in] with one E, got {tuple(x.shape)} and "
+                f"{tuple(w.shape)}"
+            )
 
 
 def fp8_grouped_linear(x: torch.Tensor, m_indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Grouped FP8 linear: x [N, in] rows grouped by expert (`m_indices` int [N], local expert ids, -1 =
     skip), weight [E, out, in] stacked masters -> [N, out] in x's dtype (the autocast dtype under
     autocast)."""
-    if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
-        raise ValueError(
-            f"fp8_grouped_linear: x must be [N, in] and weight [E, out, in], got {tuple(x.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    return FP8GroupedLinearFunction.apply(x, m_indices.to(torch.int32), weight, _output_dtype(x))
+    return fp8_grouped_linears(x, m_indices, [weight])[0]
+
+
+def fp8_grouped_linears(
+    x: torch.Tensor, m_indices: torch.Tensor, weights: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """`[fp8_grouped_linear(x, m_indices, w) for w in weights]`, bit for bit, with x quantized once per
+    direction for all of them."""
+    if not weights:
+        raise ValueError("fp8_grouped_linears: weights must hold at least one weight")
+    _check_grouped(x, weights, "fp8_grouped_linear" if len(weights) == 1 else "fp8_grouped_linears")
+    m_indices = m_indices.to(torch.int32)
+    return _grouped_linears(x, _SharedLayout(m_indices, weights[0].shape[0]), weights)
+
+
+def _grouped_linears(
+    x: torch.Tensor, layout: _SharedLayout, weights: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    args = (x, layout.m_indices, layout, _output_dtype(x))
+    return list(FP8GroupedLinearFunction.apply(*args, *weights))
 
 
 def fp8_grouped_experts(
@@ -200,10 +330,24 @@ def fp8_grouped_experts(
 ) -> torch.Tensor:
     """Routed SwiGLU experts down(silu(gate(x)) · up(x)) on rows x [N, H] grouped by expert (`m_indices`
     int [N], non-decreasing local expert ids), each projection a grouped FP8 linear over the stacked
-    masters w_gate/w_up [E, inter, H] and w_down [E, H, inter]; the SwiGLU itself runs in x's dtype."""
-    m_indices = m_indices.to(torch.int32)
-    h = F.silu(fp8_grouped_linear(x, m_indices, w_gate)) * fp8_grouped_linear(x, m_indices, w_up)
-    return fp8_grouped_linear(h, m_indices, w_down)
+    masters w_gate/w_up [E, inter, H] and w_down [E, H, inter]; the SwiGLU itself runs in x's dtype. gate and
+    up share x's quantization, all three the Wgrad token layout."""
+    _check_grouped(x, [w_gate, w_up], "fp8_grouped_experts")
+    if w_up.shape != w_gate.shape or w_down.dim() != 3 or w_down.shape[::2] != w_gate.shape[:2]:
+        raise ValueError(
+            "fp8_grouped_experts: w_up must be shaped like w_gate [E, inter, H] and w_down [E, H, inter], "
+            f"got {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}"
+        )
+    layout = _SharedLayout(m_indices.to(torch.int32), w_gate.shape[0])
+    gate, up = _grouped_linears(x, layout, [w_gate, w_up])
+    return _grouped_linears(F.silu(gate) * up, layout, [w_down])[0]
+
+
+def _linears_forward(x: torch.Tensor, modules: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """Each nn.Linear of `modules` applied to x through one `fp8_linears` call (biases added after, as in
+    FP8TrainLinear)."""
+    ys = fp8_linears(x, [m.weight for m in modules])
+    return [y if m.bias is None else y + m.bias.to(y.dtype) for y, m in zip(ys, modules, strict=True)]
 
 
 class FP8TrainLinear(nn.Linear):
@@ -211,8 +355,26 @@ class FP8TrainLinear(nn.Linear):
     by a class switch (`enable_fp8_training`), so parameters, names, hooks and optimizer state are kept."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _linears_forward(x, [self])[0]
+
+
+class FP8TrainMLP(MLP):
+    """An MLP of FP8TrainLinear projections whose gate_proj and up_proj share one quantization of x (their
+    module forward hooks do not run; the projections' parameters are used as they are)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = _linears_forward(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(F.silu(gate) * up)
+
+
+class FP8TrainMLA(MLA):
+    """An MLA of FP8TrainLinear projections whose input projections (q_a_proj or q_proj, and
+    kv_a_proj_with_mqa) share one quantization of x (their module forward hooks do not run)."""
+
+    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv = _linears_forward(x, [query, self.kv_a_proj_with_mqa])
+        return q, kv
 
 
 class FP8TrainExperts(Experts):
@@ -244,15 +406,33 @@ def _fp8_targets(model: nn.Module) -> list[nn.Module]:
     return targets
 
 
+def _input_siblings(module: MLP | MLA) -> tuple[str, str]:
+    """The two projections of an MLP or MLA block that read the block's input."""
+    if isinstance(module, MLA):
+        return ("q_proj" if module.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa")
+    return ("gate_proj", "up_proj")
+
+
+_FP8_BLOCKS = {MLP: FP8TrainMLP, MLA: FP8TrainMLA}
+_FULL_BLOCKS = {fp8: full for full, fp8 in _FP8_BLOCKS.items()}
+
+
 def enable_fp8_training(model: nn.Module) -> nn.Module:
     """Switch a BF16/FP32 model's attention projections, dense/shared-expert MLP projections and routed
-    experts to FP8 training compute, in place; parameters (objects, names, values) are unchanged. Returns
-    the model. Raises ValueError for a model with FP8 inference weights."""
+    experts to FP8 training compute, in place; parameters (objects, names, values) are unchanged. MLP and
+    MLA blocks whose input projections both switched compute those two from one quantization of the input.
+    Returns the model. Raises ValueError for a model with FP8 inference weights."""
     for module in _fp8_targets(model):
         if type(module) is nn.Linear:
             module.__class__ = FP8TrainLinear
         elif type(module) is Experts:
             module.__class__ = FP8TrainExperts
+    for module in model.modules():
+        block = _FP8_BLOCKS.get(type(module))
+        if block is not None and all(
+            type(getattr(module, n, None)) is FP8TrainLinear for n in _input_siblings(module)
+        ):
+            module.__class__ = block
     return model
 
 
@@ -263,4 +443,6 @@ def disable_fp8_training(model: nn.Module) -> nn.Module:
             module.__class__ = nn.Linear
         elif type(module) is FP8TrainExperts:
             module.__class__ = Experts
+        elif type(module) in _FULL_BLOCKS:
+            module.__class__ = _FULL_BLOCKS[type(module)]
     return model
