@@ -108,25 +108,40 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys: torch.Tensor | None):
         x, *quantized = ctx.saved_tensors
-        dx, dws, xt = None, [None] * len(dys), None
-        for i, dy in enumerate(dys):
-            if dy is None:
-                continue
-            qw, sw = quantized[2 * i], quantized[2 * i + 1]
-            if ctx.needs_input_grad[0]:
-                g, sg = ops.quantize_per_token_group(dy, _BLOCK)
-                qwt, swt = transpose_block_quantized(qw, sw)
-                d = ops.fp8_gemm_nt(g, sg, qwt, swt, out_dtype=_gemm_dtype(x.dtype)).to(x.dtype)
-                dx = d if dx is None else dx.add_(d)  # dx is this function's own GEMM output
-            if ctx.needs_input_grad[2 + i]:
-                if xt is None:
-                    xt = _quantize_along_tokens(x)
-                # fp32 out whatever the master dtype: autograd casts it to W's dtype and adds it to an
-                # existing W.grad (gradient accumulation), so nothing is lost for fp32 masters.
-                dws[i] = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
-                a, sa = _quantize_along_tokens(dy)
-                ops.fp8_gemm_wgrad_nt(a, sa, *xt, out=dws[i])
+        dx, dws = _backward(
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2:],
+            x,
+            dys,
+            quantized,
+            lambda g, sg, qwt, swt: ops.fp8_gemm_nt(g, sg, qwt, swt, out_dtype=_gemm_dtype(x.dtype)),
+            _quantize_along_tokens,
+            lambda a, sa, b, sb, out: ops.fp8_gemm_wgrad_nt(a, sa, b, sb, out=out),
+        )
         return dx, None, *dws
+
+
+def _backward(need_dx, need_dws, x, dys, quantized, dgrad, quantize_tokens, wgrad):
+    """The backward of the multi-weight FP8 functions: for each weight i with an incoming dy_i, Dgrad
+    `dgrad(q(dy_i), q(W_iᵀ))` summed into dx (in x's dtype, in weight order) and Wgrad `wgrad(q(dy_iᵀ),
+    q(xᵀ), out)` into an fp32 buffer, x's token-major quantization made once (`quantize_tokens`)."""
+    dx, dws, xt = None, [None] * len(dys), None
+    for i, dy in enumerate(dys):
+        if dy is None:
+            continue
+        qw, sw = quantized[2 * i], quantized[2 * i + 1]
+        if need_dx:
+            g, sg = ops.quantize_per_token_group(dy, _BLOCK)
+            d = dgrad(g, sg, *transpose_block_quantized(qw, sw)).to(x.dtype)
+            dx = d if dx is None else dx.add_(d)  # dx is this function's own GEMM output
+        if need_dws[i]:
+            if xt is None:
+                xt = quantize_tokens(x)
+            # fp32 out whatever the master dtype: autograd casts it to W's dtype and adds it to an existing
+            # W.grad (gradient accumulation), so nothing is lost for fp32 masters.
+            dws[i] = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
+            wgrad(*quantize_tokens(dy), *xt, dws[i])
+    return dx, dws
 
 
 def _check_linear_weights(x: torch.Tensor, weights: Sequence[torch.Tensor], name: str) -> None:
@@ -264,25 +279,20 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys: torch.Tensor | None):
         x, m_indices, *quantized = ctx.saved_tensors
-        dx, dws, xt = None, [None] * len(dys), None
-        for i, dy in enumerate(dys):
-            if dy is None:
-                continue
-            qw, sw = quantized[2 * i], quantized[2 * i + 1]
-            if ctx.needs_input_grad[0]:
-                g, sg = ops.quantize_per_token_group(dy, _BLOCK)
-                qwt, swt = transpose_block_quantized(qw, sw)
-                d = ops.m_grouped_fp8_gemm_nt_contiguous(
-                    g, sg, qwt, swt, m_indices, out_dtype=_gemm_dtype(x.dtype)
-                ).to(x.dtype)
-                dx = d if dx is None else dx.add_(d)  # dx is this function's own GEMM output
-            if ctx.needs_input_grad[4 + i]:
-                layout = ctx.layout.get()
-                if xt is None:
-                    xt = layout.quantize(x)
-                dws[i] = torch.zeros(qw.shape, dtype=torch.float32, device=dy.device)
-                a, sa = layout.quantize(dy)
-                ops.k_grouped_fp8_gemm_wgrad_nt(a, sa, *xt, layout.ks, out=dws[i])
+        dx, dws = _backward(
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[4:],
+            x,
+            dys,
+            quantized,
+            lambda g, sg, qwt, swt: ops.m_grouped_fp8_gemm_nt_contiguous(
+                g, sg, qwt, swt, m_indices, out_dtype=_gemm_dtype(x.dtype)
+            ),
+            lambda t: ctx.layout.get().quantize(t),
+            lambda a, sa, b, sb, out: ops.k_grouped_fp8_gemm_wgrad_nt(
+                a, sa, b, sb, ctx.layout.get().ks, out=out
+            ),
+        )
         return dx, None, None, None, *dws
 
 
