@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "dsv3/ep/nvl_sync.cuh"
+#include "dsv3/ep/device_sync.cuh"
 #include "ep_intranode_kernels.h"
 
 namespace dsv3::cuda {
@@ -62,7 +62,7 @@ __device__ void barrier_block(const NvlContext& ctx, const NvlLayout& layout) {
     ep::red_release_sys_add(int_at(buffer_of(ctx, threadIdx.x), layout.barrier) + ctx.rank, 1);
     const ep::SpinDeadline deadline(ctx.timeout_cycles);
     while (counter_diff(ep::ld_acquire_sys(own + threadIdx.x), epoch) < 0) {
-      if (deadline.expired()) ep::nvl_timeout(ctx.host_counters + ep::kNvlHostError, ep::kNvlErrorBarrier);
+      if (deadline.expired()) ep::ep_trap(ctx.host_counters + ep::kNvlHostError, ep::kNvlErrorBarrier);
     }
   }
   __syncthreads();
@@ -161,7 +161,7 @@ __device__ __forceinline__ int wait_free_slots(const NvlContext& ctx, const int*
   const ep::SpinDeadline deadline(ctx.timeout_cycles);
   int free_slots;
   while ((free_slots = slots - counter_diff(sent, ep::ld_acquire_sys(head))) <= 0) {
-    if (deadline.expired()) ep::nvl_timeout(ctx.host_counters + ep::kNvlHostError, error);
+    if (deadline.expired()) ep::ep_trap(ctx.host_counters + ep::kNvlHostError, error);
   }
   return min(min(chunk, remaining), free_slots);
 }
@@ -171,7 +171,7 @@ __device__ __forceinline__ int wait_tail(const NvlContext& ctx, const int* tail,
   const ep::SpinDeadline deadline(ctx.timeout_cycles);
   int value;
   while (counter_diff(value = ep::ld_acquire_sys(tail), received) <= 0) {
-    if (deadline.expired()) ep::nvl_timeout(ctx.host_counters + ep::kNvlHostError, error);
+    if (deadline.expired()) ep::ep_trap(ctx.host_counters + ep::kNvlHostError, error);
   }
   return value;
 }
@@ -300,8 +300,7 @@ __device__ void dispatch_recv(const NvlContext& ctx, const NvlLayout& layout, co
     const ep::SpinDeadline deadline(ctx.timeout_cycles);
     int end;
     while ((end = ep::ld_acquire_sys(ctrl + ep::kQueueEnd)) == 0) {
-      if (deadline.expired())
-        ep::nvl_timeout(ctx.host_counters + ep::kNvlHostError, ep::kNvlErrorDispatchRecv);
+      if (deadline.expired()) ep::ep_trap(ctx.host_counters + ep::kNvlHostError, ep::kNvlErrorDispatchRecv);
     }
     shared_start[src] = ep::decode_offset(ep::ld_acquire_sys(ctrl + ep::kQueueStart));
     shared_count[src] = ep::decode_offset(end) - shared_start[src];

@@ -21,6 +21,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include "dsv3/ep/device_sync.cuh"
 #include "dsv3/ep/nvl_layout.h"
 #include "internode.h"
 
@@ -35,30 +36,15 @@ constexpr int kNotifyThreads = 256;
 constexpr int kP = kInternodeNodeRanks;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-// 16-byte loads through L2 only: queue slots are rewritten by peers (P2P stores, the NIC) between reads.
-__device__ __forceinline__ int4 ld_v4(const void* p) {
-  int4 v;
-  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-__device__ __forceinline__ void st_release(int* p, int v) {
-  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
+// Queue slots are rewritten by peers (P2P stores, the NIC) between reads: 16-byte loads go through L2 only
+// (ld_cg_v4), flags are read with system-scope acquire (ld_acquire_sys), both from dsv3/ep/device_sync.cuh.
 __device__ __forceinline__ void group_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Out of line: the spin loops stay small.
 __device__ __noinline__ void fail(int* error_flag, int what, int peer) {
-  *reinterpret_cast<volatile int*>(error_flag) = (what << 24) | peer;
-  __threadfence_system();
-  __trap();
+  ep_trap(error_flag, (what << 24) | peer);
 }
 
 __device__ __forceinline__ bool expired(long long start, const InternodeContext& ctx) {
@@ -72,26 +58,26 @@ __device__ __forceinline__ T* at(const InternodeContext& ctx, int64_t offset) {
 
 // Spins until the word is nonzero (a meta word) and returns it.
 __device__ uint64_t wait_nonzero(const InternodeContext& ctx, const uint64_t* p, int what, int peer) {
-  uint64_t v = ld_acquire(p);
+  uint64_t v = ld_acquire_sys(p);
   if (v != 0) return v;
   const long long start = clock64();
-  while ((v = ld_acquire(p)) == 0)
+  while ((v = ld_acquire_sys(p)) == 0)
     if (expired(start, ctx)) fail(ctx.error_flag, what, peer);
   return v;
 }
 __device__ void wait_equal(const InternodeContext& ctx, const uint64_t* p, uint64_t target, int what,
                            int peer) {
-  if (ld_acquire(p) == target) return;
+  if (ld_acquire_sys(p) == target) return;
   const long long start = clock64();
-  while (ld_acquire(p) != target)
+  while (ld_acquire_sys(p) != target)
     if (expired(start, ctx)) fail(ctx.error_flag, what, peer);
 }
 // A producer at record `pos` waits until the consumer's head leaves a free slot.
 __device__ void wait_space(const InternodeContext& ctx, const uint64_t* head, int pos, int slots, int what,
                            int peer) {
-  if (int64_t(pos) - int64_t(ld_acquire(head)) < slots) return;
+  if (int64_t(pos) - int64_t(ld_acquire_sys(head)) < slots) return;
   const long long start = clock64();
-  while (int64_t(pos) - int64_t(ld_acquire(head)) >= slots)
+  while (int64_t(pos) - int64_t(ld_acquire_sys(head)) >= slots)
     if (expired(start, ctx)) fail(ctx.error_flag, what, peer);
 }
 
@@ -108,7 +94,7 @@ struct HeadReturn {
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t int4s, int lane) {
   auto* d = static_cast<int4*>(dst);
   const auto* s = static_cast<const int4*>(src);
-  for (int64_t i = lane; i < int4s; i += kWarpSize) d[i] = ld_v4(s + i);
+  for (int64_t i = lane; i < int4s; i += kWarpSize) d[i] = ld_cg_v4(s + i);
 }
 
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
@@ -148,9 +134,9 @@ __device__ void barrier_round(const InternodeContext& ctx, const InternodeLayout
   for (int r = threadIdx.x; r < ctx.num_ranks; r += blockDim.x)
     nvshmemx_signal_op(words + ctx.rank, 1, NVSHMEM_SIGNAL_ADD, r);
   for (int r = threadIdx.x; r < ctx.num_ranks; r += blockDim.x) {
-    if (ld_acquire(words + r) >= target) continue;
+    if (ld_acquire_sys(words + r) >= target) continue;
     const long long start = clock64();
-    while (ld_acquire(words + r) < target)
+    while (ld_acquire_sys(words + r) < target)
       if (expired(start, ctx)) fail(ctx.error_flag, kErrInternodeBarrier, r);
   }
   __syncthreads();
@@ -229,14 +215,14 @@ __global__ void __launch_bounds__(kNotifyThreads)
   for (int e = threadIdx.x; e < L; e += blockDim.x) {
     int sum = 0;
     for (int s = 0; s < R; ++s) sum += recv[s * stride + 2 + e];
-    st_release(host + kInternodeHostExperts + e, align_up(sum, expert_alignment));
+    st_release_sys(host + kInternodeHostExperts + e, align_up(sum, expert_alignment));
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    st_release(host + kInternodeHostRecv, s_num_recv);
-    st_release(host + kInternodeHostRdmaRecv, s_num_rdma_recv);
+    st_release_sys(host + kInternodeHostRecv, s_num_recv);
+    st_release_sys(host + kInternodeHostRdmaRecv, s_num_rdma_recv);
     __threadfence_system();
-    st_release(host + kInternodeHostSeq, sequence);  // after every count of this call
+    st_release_sys(host + kInternodeHostSeq, sequence);  // after every count of this call
   }
 }
 
@@ -325,7 +311,7 @@ __device__ void dispatch_forward(const InternodeContext& ctx, const InternodeLay
     for (int i = 0; i < count; ++i) {
       const int slot = i % l.rdma_slots;
       const uint64_t* flag = at<uint64_t>(ctx, l.rdma_flag_word(c, m, slot));
-      if (tid == 0 && ld_acquire(flag) != uint64_t(i) + 1) {
+      if (tid == 0 && ld_acquire_sys(flag) != uint64_t(i) + 1) {
         rdma_return.flush(rdma_head, src_pe);  // the source may be waiting for this space
         wait_equal(ctx, flag, uint64_t(i) + 1, kErrInternodeDispatchForward, src_pe);
       }
@@ -372,7 +358,7 @@ __device__ void dispatch_nvl_recv(const InternodeContext& ctx, const InternodeLa
     uint64_t word = 0;
     if (lane == 0) {
       const uint64_t* meta = at<uint64_t>(ctx, l.nvl_meta_word(c, f, m));
-      if (ld_acquire(meta) == 0) ret.flush(head, forwarder_pe);
+      if (ld_acquire_sys(meta) == 0) ret.flush(head, forwarder_pe);
       word = wait_nonzero(ctx, meta, kErrInternodeDispatchRecv, forwarder_pe);
     }
     word = __shfl_sync(kFullMask, word, 0);
@@ -384,7 +370,7 @@ __device__ void dispatch_nvl_recv(const InternodeContext& ctx, const InternodeLa
       const int slot = pos % l.nvl_slots;
       if (lane == 0) {
         const uint64_t* flag = at<uint64_t>(ctx, l.nvl_flag_word(c, f, slot));
-        if (ld_acquire(flag) != uint64_t(pos) + 1) {
+        if (ld_acquire_sys(flag) != uint64_t(pos) + 1) {
           ret.flush(head, forwarder_pe);
           wait_equal(ctx, flag, uint64_t(pos) + 1, kErrInternodeDispatchRecv, forwarder_pe);
         }
@@ -495,7 +481,8 @@ __device__ void combine_forward(const InternodeContext& ctx, const InternodeLayo
 #pragma unroll
         for (int j = 0; j < kP; ++j) {  // local ranks ascending: the reference's fp32 order
           if (s_pos[j] >= 0)
-            add_bf16x8(acc, ld_v4(at<uint8_t>(ctx, l.nvl_recv_slot(c, j, s_pos[j] % l.nvl_slots)) + v * 16));
+            add_bf16x8(acc,
+                       ld_cg_v4(at<uint8_t>(ctx, l.nvl_recv_slot(c, j, s_pos[j] % l.nvl_slots)) + v * 16));
         }
         reinterpret_cast<int4*>(staged)[v] = pack_bf16x8(acc);
       }
@@ -546,7 +533,7 @@ __device__ void combine_recv(const InternodeContext& ctx, const InternodeLayout&
     if (tid < N) {
       pos = a.send_rdma_head[int64_t(t) * N + tid];
       s_pos[tid] = pos;
-      ready = pos < 0 || ld_acquire(at<uint64_t>(ctx, l.rdma_flag_word(c, tid, pos % l.rdma_slots))) ==
+      ready = pos < 0 || ld_acquire_sys(at<uint64_t>(ctx, l.rdma_flag_word(c, tid, pos % l.rdma_slots))) ==
                              uint64_t(pos) + 1;
       if (!ready) s_waiting = 1;
     }
@@ -566,7 +553,8 @@ __device__ void combine_recv(const InternodeContext& ctx, const InternodeLayout&
       if (b1 != nullptr) add_bf16x8(acc, __ldg(b1 + int64_t(t) * int4s + v));
       for (int p = 0; p < N; ++p) {  // nodes ascending
         if (s_pos[p] >= 0)
-          add_bf16x8(acc, ld_v4(at<uint8_t>(ctx, l.rdma_recv_slot(c, p, s_pos[p] % l.rdma_slots)) + v * 16));
+          add_bf16x8(acc,
+                     ld_cg_v4(at<uint8_t>(ctx, l.rdma_recv_slot(c, p, s_pos[p] % l.rdma_slots)) + v * 16));
       }
       static_cast<int4*>(a.combined_x)[int64_t(t) * int4s + v] = pack_bf16x8(acc);
     }

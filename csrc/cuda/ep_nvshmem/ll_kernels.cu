@@ -19,6 +19,7 @@
 
 #include <cstring>
 
+#include "dsv3/ep/device_sync.cuh"
 #include "dsv3/ep/ll_layout.h"
 #include "ll_kernels.h"
 
@@ -39,17 +40,6 @@ constexpr int kLanesPerGroup = kLLGroupSize / kVec;  // 16 lanes cover one 1x128
 // slot) or more than T rows for one expert; the sender traps rather than write past its slot region.
 constexpr int kErrDispatchCount = 1, kErrDispatchData = 2, kErrCombineData = 3, kErrRouting = 4;
 
-__device__ __forceinline__ uint64_t load_acquire(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ int load_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // A 16-byte global load of a row that a peer wrote (the pointer is a kernel-argument field, so the compiler
 // cannot prove the global space; a generic load would also do, this one names the path).
 __device__ __forceinline__ int4 load_global_16(const void* p) {
@@ -61,16 +51,14 @@ __device__ __forceinline__ int4 load_global_16(const void* p) {
 }
 
 __device__ __forceinline__ void fail(int* error_flag, int what, int peer) {
-  *reinterpret_cast<volatile int*>(error_flag) = (what << 24) | peer;
-  __threadfence_system();
-  __trap();
+  ep_trap(error_flag, (what << 24) | peer);
 }
 
 // Spins until *p != 0 (a count message) and returns it.
 __device__ __forceinline__ int wait_count(const int* p, const LLArgs& a, int peer) {
   const long long start = clock64();
   int v;
-  while ((v = load_acquire(p)) == 0)
+  while ((v = ld_acquire_sys(p)) == 0)
     if (clock64() - start > a.timeout_cycles) fail(a.error_flag, kErrDispatchCount, peer);
   return v;
 }
@@ -79,7 +67,7 @@ __device__ __forceinline__ int wait_count(const int* p, const LLArgs& a, int pee
 __device__ __forceinline__ void wait_arrivals(const uint64_t* p, uint64_t target, const LLArgs& a, int what,
                                               int peer) {
   const long long start = clock64();
-  while (load_acquire(p) < target)
+  while (ld_acquire_sys(p) < target)
     if (clock64() - start > a.timeout_cycles) fail(a.error_flag, what, peer);
 }
 

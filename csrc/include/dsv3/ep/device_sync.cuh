@@ -1,6 +1,7 @@
-// Device-side memory operations of the NVLink EP kernels: system-scope acquire/release flags (peers write
-// into this GPU's memory over NVLink, the host reads mapped counters), L1-bypassing and read-only 16-byte
-// loads, and the bounded spin every wait goes through. CUDA only (included by csrc/cuda/ep_intranode.cu).
+// Device-side memory operations of the EP kernels (NVLink and NVSHMEM): system-scope acquire/release flags
+// (peers write into this GPU's memory over NVLink or RDMA, the host reads mapped counters), L1-bypassing and
+// read-only 16-byte loads, and the bounded spin every wait goes through, ending in `ep_trap`. CUDA only
+// (csrc/cuda/ep_intranode.cu, csrc/cuda/ep_nvshmem/*.cu).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -13,6 +14,11 @@ namespace dsv3::ep {
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
   int v;
   asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
@@ -40,6 +46,7 @@ __device__ __forceinline__ int4 ld_cg_v4(const int4* p) {
                : "l"(p));
   return v;
 }
+__device__ __forceinline__ int4 ld_cg_v4(const void* p) { return ld_cg_v4(static_cast<const int4*>(p)); }
 
 // Global stores through pointers loaded at run time (peer buffers), which the compiler cannot place itself.
 __device__ __forceinline__ void st_global_v4(int4* p, int4 v) {
@@ -64,9 +71,10 @@ struct SpinDeadline {
   __device__ __forceinline__ bool expired() const { return clock_cycles() - start > cycles; }
 };
 
-// A peer did not arrive in time: leave `code` in the host-mapped error word for the host to report, then
-// abort the kernel (the CUDA context is unusable afterwards, as after any device-side trap).
-__device__ __forceinline__ void nvl_timeout(int* host_error, int code) {
+// A peer did not arrive in time (or the input is unusable): leave `code` in the host-mapped error word for
+// the host to report, then abort the kernel (the CUDA context is unusable afterwards, as after any
+// device-side trap).
+__device__ __forceinline__ void ep_trap(int* host_error, int code) {
   st_relaxed_sys(host_error, code);
   fence_acq_rel_sys();
   asm volatile("trap;");
