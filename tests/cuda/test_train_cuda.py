@@ -11,8 +11,9 @@ import torch
 from helpers import quiet, tiny_train_config
 from safetensors.torch import load_file
 
+from dsv3 import ops
 from dsv3.model import from_pretrained
-from dsv3.train.fp8_linear import fp8_linear
+from dsv3.train.fp8_linear import block_aligned_experts, fp8_grouped_experts, fp8_linear
 from dsv3.train.trainer import Trainer
 
 
@@ -89,3 +90,23 @@ def test_bench_train_quick_on_the_gpu(tmp_path):
     assert data["meta"]["device"] == "cuda"
     steps = [r for r in data["rows"] if r["case"] in ("fwd_bwd", "train_step")]
     assert len(steps) == 2 and all(r["dsv3_fp8_tokens_per_s"] > 0 for r in steps)
+
+
+def test_routed_experts_on_the_gpu_match_the_cpu():
+    """FP8TrainExperts on a GPU runs the block-aligned layout (the sm_90 grouped kernel's); outputs and
+    gradients against the CPU kernels on the unpadded rows."""
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([130, 0, 7, 256, 1])
+    m_indices = torch.repeat_interleave(torch.arange(len(counts)), counts).int()
+    x = torch.randn(len(m_indices), 256, generator=g)
+    ws = [torch.randn(len(counts), *s, generator=g) * 0.05 for s in ((384, 256), (384, 256), (256, 384))]
+    dy = torch.randn(x.shape, generator=g)
+    out = {}
+    for device, fn in (("cpu", fp8_grouped_experts), ("cuda", block_aligned_experts)):
+        xd = x.to(device).requires_grad_()
+        wd = [w.to(device).requires_grad_() for w in ws]
+        y = fn(xd, m_indices.to(device), *wd)
+        y.backward(dy.to(device))
+        out[device] = [t.detach().float().cpu() for t in (y, xd.grad, *(w.grad for w in wd))]
+    for c, r in zip(out["cuda"], out["cpu"], strict=True):
+        assert ops.calc_diff(c, r) < 1e-5

@@ -8,6 +8,7 @@ seeds are stated next to each bound; the bounds leave about 3x margin."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from dsv3.train.fp8_linear import (
     FP8TrainMLA,
     FP8TrainMLP,
     _KGroupedLayout,
+    block_aligned_experts,
     disable_fp8_training,
     enable_fp8_training,
     fp8_grouped_experts,
@@ -192,6 +194,52 @@ def test_grouped_experts_match_dense_fp8_loop():
     for w, ref in zip(ws, wl, strict=True):
         assert_close_rel(w.grad, ref.grad, 1e-5)
         assert not w.grad[[0, 2, 6]].any()  # experts without tokens get a zero gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [COUNTS, [127, 129, 0, 256, 3], [1]])
+def test_block_aligned_experts_equal_the_unpadded_call(dtype, counts):
+    """The GPU path's layout (every expert in whole 128-row blocks of its id) gives the unpadded call's
+    outputs and gradients, rows marked -1 included (zero outputs, no gradient). Not bit for bit: the CPU
+    GEMM picks its kernel (so its fp32 summation order) by a group's row count, and an intermediate that
+    lands on the other side of an e4m3 rounding boundary moves an element by ~1e-3 — calc_diff stays
+    ~1e-8, against ~1 for a misplaced row."""
+    x, m_indices, ws = _grouped_problem(counts, dtype=dtype)
+    m_indices = m_indices.clone()
+    m_indices[::5] = -1
+    dy = torch.randn(x.shape, dtype=dtype)
+    results = []
+    for fn in (fp8_grouped_experts, block_aligned_experts):
+        xi = x.detach().clone().requires_grad_(True)
+        wi = [w.detach().clone().requires_grad_(True) for w in ws]
+        y = fn(xi, m_indices, *wi)
+        y.backward(dy)
+        results.append([y.detach(), xi.grad, *(w.grad for w in wi)])
+    for name, a, b in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), *results, strict=True):
+        assert ops.calc_diff(b, a) < 1e-5, name
+    assert not results[1][0][::5].any() and not results[1][1][::5].any()
+
+
+def test_block_aligned_experts_layout(monkeypatch):
+    """What the grouped GEMMs receive: every 128-row block holds one expert id (blocks_uniform of the CUDA
+    host code), each expert's rows first and in order, zero rows after."""
+    mod = importlib.import_module("dsv3.train.fp8_linear")
+
+    seen = []
+    real = mod.fp8_grouped_experts
+    monkeypatch.setattr(
+        mod, "fp8_grouped_experts", lambda x, idx, *w: seen.append((x, idx)) or real(x, idx, *w)
+    )
+    x, m_indices, ws = _grouped_problem([130, 0, 5])
+    block_aligned_experts(x, m_indices, *ws)
+    xp, idx = seen[0]
+    assert idx.tolist() == [0] * 256 + [2] * 128
+    assert torch.equal(xp[:130], x[:130]) and not xp[130:256].any()
+    assert torch.equal(xp[256:261], x[130:]) and not xp[261:].any()
+    with pytest.raises(ValueError, match="m_indices must be in"):
+        block_aligned_experts(x, torch.full_like(m_indices, 3), *ws)
+    with pytest.raises(ValueError, match="x must be"):
+        block_aligned_experts(x, m_indices[:-1], *ws)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

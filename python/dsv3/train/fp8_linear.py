@@ -47,6 +47,7 @@ __all__ = [
     "fp8_grouped_linear",
     "fp8_grouped_linears",
     "fp8_grouped_experts",
+    "block_aligned_experts",
     "transpose_block_quantized",
     "enable_fp8_training",
     "disable_fp8_training",
@@ -387,11 +388,51 @@ class FP8TrainMLA(MLA):
         return q, kv
 
 
+def block_aligned_experts(
+    x: torch.Tensor,
+    m_indices: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    block: int = _BLOCK,
+) -> torch.Tensor:
+    """`fp8_grouped_experts` on DeepGEMM's contiguous layout: each expert's rows are moved into whole
+    `block`-row blocks of one expert id (the block's tail rows zero, with that expert's id) — the layout the
+    sm_90 grouped kernel runs on; any other layout takes its dequantize + cuBLAS fallback. The outputs are
+    gathered back in row order (rows with id -1 give zeros). Every real row's output and every gradient are
+    those of the unpadded call: rows are independent in Fprop and Dgrad, and the zero rows complete Wgrad's
+    last token tile of each expert without raising its amax."""
+    if x.dim() != 2 or m_indices.shape != x.shape[:1]:
+        raise ValueError(
+            f"block_aligned_experts: x must be [N, H] and m_indices [N], got {tuple(x.shape)} and "
+            f"{tuple(m_indices.shape)}"
+        )
+    groups = w_gate.shape[0]
+    idx = m_indices.long()
+    valid = idx >= 0
+    counts = torch.bincount(idx[valid], minlength=groups)
+    if counts.numel() != groups:
+        raise ValueError(f"block_aligned_experts: m_indices must be in [-1, {groups})")
+    padded = (counts + block - 1) // block * block
+    # Stable sort by expert (-1 rows last, then dropped): rank of each row within its expert's rows.
+    rows = torch.argsort(torch.where(valid, idx, groups), stable=True)[: int(valid.sum())]
+    g = idx[rows]
+    rank = torch.arange(len(rows), device=x.device) - (torch.cumsum(counts, 0) - counts)[g]
+    pos = (torch.cumsum(padded, 0) - padded)[g] + rank
+    aligned_idx = torch.repeat_interleave(torch.arange(groups, device=x.device, dtype=torch.int32), padded)
+    xp = x.new_zeros(len(aligned_idx), x.shape[1]).index_copy(0, pos, x.index_select(0, rows))
+    yp = fp8_grouped_experts(xp, aligned_idx, w_gate, w_up, w_down)
+    return yp.new_zeros(x.shape[0], yp.shape[1]).index_copy(0, rows, yp.index_select(0, pos))
+
+
 class FP8TrainExperts(Experts):
-    """Stacked routed experts (full-precision masters) computed by `fp8_grouped_experts`."""
+    """Stacked routed experts (full-precision masters) computed by `fp8_grouped_experts`; on a GPU through
+    `block_aligned_experts`, so the grouped GEMMs run on the sm_90 kernel (the CPU kernel takes any
+    layout, and the padding would only cost there)."""
 
     def forward(self, x: torch.Tensor, local_idx: torch.Tensor) -> torch.Tensor:
-        return fp8_grouped_experts(x, local_idx, self.gate_proj, self.up_proj, self.down_proj)
+        experts = block_aligned_experts if x.is_cuda else fp8_grouped_experts
+        return experts(x, local_idx, self.gate_proj, self.up_proj, self.down_proj)
 
 
 def _fp8_targets(model: nn.Module) -> list[nn.Module]:
