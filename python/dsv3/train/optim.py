@@ -10,7 +10,11 @@ import torch
 
 class AdamW(torch.optim.Optimizer):
     """Decoupled weight decay Adam; exp_avg and exp_avg_sq are stored in bfloat16, the update is computed
-    in fp32 from the fp32 gradient and applied to the fp32 parameter."""
+    in fp32 from the fp32 gradient and applied to the fp32 parameter.
+
+    Each step runs as a few multi-tensor (`torch._foreach_*`) operations per group of parameters at the same
+    step count, instead of a dozen small operations per parameter: one kernel per operation on a GPU, no
+    Python loop over parameters on the CPU. The arithmetic per element is the per-parameter formula's."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
@@ -22,7 +26,8 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            b1, b2 = group["betas"]
+            # parameters with a gradient, by (device, step count after this step): one bias correction each
+            buckets: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -34,16 +39,31 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 state["step"] += 1
-                g = p.grad.float()
-                m = state["exp_avg"].float().mul_(b1).add_(g, alpha=1 - b1)
-                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                k = state["step"]
-                denom = (v / (1 - b2**k)).sqrt_().add_(group["eps"])
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**k))
+                buckets.setdefault((p.device, state["step"]), []).append(p)
+            for (_, k), params in buckets.items():
+                self._update(group, k, params)
+
+    def _update(self, group: dict, k: int, params: list[torch.Tensor]) -> None:
+        b1, b2 = group["betas"]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        m = [torch.empty_like(p) for p in params]  # the moments in fp32 for this step's arithmetic
+        v = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(m, exp_avgs)
+        torch._foreach_copy_(v, exp_avg_sqs)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        torch._foreach_copy_(exp_avgs, m)
+        torch._foreach_copy_(exp_avg_sqs, v)
+        denom = torch._foreach_div(v, 1 - b2**k)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(params, m, denom, value=-group["lr"] / (1 - b1**k))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
