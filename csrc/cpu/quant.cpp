@@ -87,19 +87,67 @@ void dequantize_run(const uint8_t* q, T* out, int64_t n, float s, bool avx) {
 namespace {
 
 // x is the transpose of a contiguous [k, rows] matrix (strides (1, rows)): Wgrad's token-major operand, t.t()
-// of an activation. Tiles of kTileRows rows x one group of columns are read from the source's contiguous
-// rows into a float buffer and quantized from there: the same values, amax, scales and codes as quantizing
-// x.contiguous() (bf16/fp16 -> fp32 is exact and both paths quantize fp32(x) / s), without writing and
-// re-reading a transposed copy.
-constexpr int64_t kTileRows = 32;
-
+// of an activation. It is quantized from the source layout, without writing and re-reading a transposed copy,
+// to the same amax, scales and codes as x.contiguous() (bf16/fp16 -> fp32 is exact and both paths quantize
+// fp32(x) / s).
 bool is_transposed_matrix(const at::Tensor& x) {
   return x.dim() == 2 && x.size(0) > 1 && x.size(1) > 1 && x.stride(0) == 1 && x.stride(1) == x.size(0);
 }
 
+// AVX-512: one task is a strip of 32 (or 16) output rows, as many adjacent source columns, x one group: the
+// strip's amaxes taken at once down the group's source rows, then its codes converted and transposed in
+// registers. Tasks run in bands of up to 8 strips, group by group within a band: consecutive tasks share the
+// group's source rows (and their pages) while a band's output rows stay few, and the threads' task ranges
+// mostly cover whole output rows, so they seldom write into the same lines of the scales. While one task
+// computes, the next one's output lines are prefetched, and its source rows into L2: each takes
+// a short piece of many rows at a large stride, which the hardware prefetchers do not follow.
+template <typename T>
+void quantize_transposed_avx512(const T* base, int64_t rows, int64_t k, int64_t group_size, bool ue8m0,
+                                const ScaleView& sv, uint8_t* qp) {
+  const int64_t groups = ceil_div(k, group_size), threads = at::get_num_threads();
+  // Half-width strips where full ones would leave too few tasks to share out evenly.
+  const int64_t width = groups * ceil_div(rows, kStridedLanes) >= 8 * threads ? kStridedLanes : 16;
+  const int64_t strips = ceil_div(rows, width), tasks = groups * strips;
+  const int64_t band = std::clamp<int64_t>(strips / (4 * threads), 1, 8);
+  struct Task {
+    int64_t g, r0, k0, n, lanes;
+  };
+  const auto task = [&](int64_t i) {
+    const int64_t b = i / (groups * band), rem = i - b * groups * band;
+    const int64_t band_strips = std::min(band, strips - b * band), g = rem / band_strips;
+    const int64_t r0 = (b * band + rem % band_strips) * width, k0 = g * group_size;
+    return Task{g, r0, k0, std::min(group_size, k - k0), std::min(width, rows - r0)};
+  };
+  at::parallel_for(0, tasks, grain_for(width * group_size), [&](int64_t begin, int64_t end) {
+    float amax[kStridedLanes], scale[kStridedLanes];
+    for (int64_t i = begin; i < end; ++i) {
+      const Task t = task(i), next = task(std::min(i + 1, end - 1));
+      const int64_t next_n = i + 1 < end ? next.n : 0;
+      for (int64_t l = 0; next_n > 0 && l < next.lanes; ++l)
+        for (int64_t c = 0; c < next_n; c += 64)
+          __builtin_prefetch(qp + (next.r0 + l) * k + next.k0 + c, 1, 3);
+      const T* src = base + t.k0 * rows + t.r0;
+      quant_amax_strided_avx512(src, rows, t.n, t.lanes, amax, quant_dtype<T>());
+      float* sp = &sv.at(t.r0, t.g);  // a 2-D x has one batch: its rows are row_stride apart
+      for (int64_t l = 0; l < kStridedLanes; ++l) {
+        scale[l] = l < t.lanes ? fp8_scale(amax[l], ue8m0) : 1.0f;
+        if (l < t.lanes) sp[l * sv.row_stride] = scale[l];
+      }
+      quant_fp8_strided_avx512(src, rows, t.n, t.lanes, scale, qp + t.r0 * k + t.k0, k,
+                               base + next.k0 * rows + next.r0, next_n, quant_dtype<T>());
+    }
+  });
+}
+
+// Portable code (no AVX-512): tiles of kTileRows rows x one group of columns gathered from the
+// source's contiguous rows into a float buffer and quantized from there.
+constexpr int64_t kTileRows = 32;
+
 template <typename T>
 void quantize_transposed(const T* base, int64_t rows, int64_t k, int64_t group_size, bool ue8m0,
                          const ScaleView& sv, uint8_t* qp, bool avx) {
+  if constexpr (kVecType<T>)
+    if (avx) return quantize_transposed_avx512(base, rows, k, group_size, ue8m0, sv, qp);
   const int64_t groups = ceil_div(k, group_size), tiles = ceil_div(rows, kTileRows);
   at::parallel_for(0, tiles * groups, grain_for(kTileRows * group_size), [&](int64_t begin, int64_t end) {
     std::vector<float> tile(kTileRows * group_size);

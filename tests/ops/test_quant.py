@@ -296,3 +296,34 @@ def test_transposed_input_matches_contiguous(cpu_path, dtype, shape, ue8m0):
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
         assert torch.equal(s.nan_to_num(nan=-1.0), s_ref.nan_to_num(nan=-1.0))
         assert s.stride() == s_ref.stride()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("group_size", [32, 128, 200])
+@pytest.mark.parametrize("shape", [(5, 3), (63, 17), (64, 33), (65, 47), (129, 31), (300, 96), (257, 530)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_input_edges(cpu_path, dtype, shape, group_size, threads):
+    """The transposed path's edges: strips of 16 or 32 output rows (the width depends on the task count, so
+    on the thread count) cut by the end of the matrix, groups cut into 64-row chunks and by the end of T,
+    groups over 128 rows, bands of strips, and special values in inner lanes; the codes and scales are those
+    of the contiguous copy and of the reference."""
+    k, rows = shape
+    t = (torch.randn(k, rows) * torch.logspace(-3, 3, rows)).to(dtype)
+    t[k // 2, rows // 2] = float("nan")
+    if dtype == torch.float32:  # a signalling NaN with a payload: the scales still get the one quiet NaN
+        t.view(torch.int32)[k // 2, rows // 2] = 0x7F800001
+    t[k - 1, rows - 1] = -float("inf")
+    t[:, 0] = 0.0
+    x = t.t()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, s = ops.quantize_per_token_group(x, group_size)
+    finally:
+        torch.set_num_threads(previous)
+    q_ref, s_ref = ops.quantize_per_token_group(x.contiguous(), group_size)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))  # NaN bits included
+    assert_quant_equal((q, s), reference.quantize_per_token_group(x, group_size))
+    assert torch.isnan(s[rows // 2, (k // 2) // group_size])
+    assert s[0].eq(torch.tensor(1e-4) / 448).all()

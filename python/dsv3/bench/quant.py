@@ -20,9 +20,12 @@ from .timing import time_side_by_side
 # Activations [tokens, hidden] and weights [N, K] of V3: hidden 7168, expert and o_proj weights.
 ACTIVATIONS = [(1, 7168), (128, 7168), (2048, 7168)]
 WEIGHTS = [(2048, 7168), (7168, 2048), (7168, 16384)]
+# Wgrad's token-major operands: t [tokens, features] quantized as t.t() (1 x 128 tiles along tokens), the
+# input x of a hidden-7168 projection and the output gradient of an expert's 2048-wide down projection.
+TOKEN_MAJOR = [(2048, 7168), (4096, 2048)]
 
 
-def _row(op: str, x: torch.Tensor, args: tuple, kwargs: dict, device: str) -> dict:
+def _row(op: str, x: torch.Tensor, args: tuple, kwargs: dict, device: str, label: str | None = None) -> dict:
     """dsv3.ops.<op>(*args, **kwargs) timed beside dsv3.ops.reference.<op>; x: the high-precision side."""
     fns = {
         "dsv3": functools.partial(getattr(ops, op), *args, **kwargs),
@@ -33,7 +36,7 @@ def _row(op: str, x: torch.Tensor, args: tuple, kwargs: dict, device: str) -> di
     # Bytes an implementation must move: the high-precision side, the fp8 side and the scales.
     nbytes = x.numel() * (x.element_size() + 1) + 4 * x.numel() // 128
     return {
-        "op": op,
+        "op": label or op,
         "shape": list(x.shape),
         "times": times,
         "dsv3_gbps": nbytes / t / 1e9,
@@ -50,6 +53,9 @@ def run_cases(device: str, dtype: torch.dtype) -> list[dict]:
             rows.append(_row(f"quantize_{kind}", x, (x,), kwargs, device))
             q, s = getattr(ops, f"quantize_{kind}")(x)
             rows.append(_row(f"dequantize_{kind}", x, (q, s), {"out_dtype": dtype}, device))
+    for shape in TOKEN_MAJOR:
+        x = torch.randn(*shape, dtype=dtype, device=device).t()
+        rows.append(_row("quantize_per_token_group", x, (x,), {}, device, "quantize_per_token_group t.t()"))
     return rows
 
 
@@ -64,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"dsv3 {dsv3.__version__}, torch {torch.__version__}, {args.device}, {threads} threads, {args.dtype}"
     )
-    print(f"{'op':<28} {'shape':>14} | {'dsv3 GB/s':>9} {'x torch':>8}")
+    print(f"{'op':<32} {'shape':>14} | {'dsv3 GB/s':>9} {'x torch':>8}")
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        print(f"{r['op']:<28} {shape:>14} | {r['dsv3_gbps']:>9.2f} {r['speedup']:>8.2f}")
+        print(f"{r['op']:<32} {shape:>14} | {r['dsv3_gbps']:>9.2f} {r['speedup']:>8.2f}")
     print("x torch = dsv3 speed / the same math in torch ops (dsv3.ops.reference)")
     write_json(args.json, args.device, rows)
     return 0
