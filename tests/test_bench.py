@@ -40,6 +40,7 @@ def test_wgrad_baselines_match(ks):
 def test_quant_bench_writes_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(quant, "ACTIVATIONS", [(3, 300)])
     monkeypatch.setattr(quant, "WEIGHTS", [(130, 200)])
+    monkeypatch.setattr(quant, "TOKEN_MAJOR", [(150, 70)])
     path = tmp_path / "quant.json"
     assert quant.main(["--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
@@ -48,6 +49,7 @@ def test_quant_bench_writes_rows(tmp_path, monkeypatch):
         ("dequantize_per_token_group", [3, 300]),
         ("quantize_per_block", [130, 200]),
         ("dequantize_per_block", [130, 200]),
+        ("quantize_per_token_group t.t()", [70, 150]),
     ]
     assert all(r["dsv3_gbps"] > 0 and r["speedup"] > 0 for r in rows)
 
