@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dsv3/ep/bf16x8.cuh"
 #include "dsv3/ep/device_sync.cuh"
 #include "ep_intranode_kernels.h"
 
@@ -403,16 +404,6 @@ __device__ void combine_send(const NvlContext& ctx, const NvlLayout& layout, con
   }
 }
 
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
 // Reduces this rank's tokens of channel c: one warp per token, windows of at most `slots` tokens (a window
 // never needs more rows of one queue than the queue holds), then the heads advance past the window's rows.
 template <int R>
@@ -454,11 +445,11 @@ __device__ void combine_recv(const NvlContext& ctx, const NvlLayout& layout, con
       int4* out = static_cast<int4*>(a.combined_x) + t * int4s;
       for (int i = lane; i < int4s; i += kWarpSize) {
         float acc[8] = {};
-        if (bias_0 != nullptr) add_bf16x8(acc, __ldg(bias_0 + t * int4s + i));
-        if (bias_1 != nullptr) add_bf16x8(acc, __ldg(bias_1 + t * int4s + i));
+        if (bias_0 != nullptr) ep::add_bf16x8(acc, __ldg(bias_0 + t * int4s + i));
+        if (bias_1 != nullptr) ep::add_bf16x8(acc, __ldg(bias_1 + t * int4s + i));
 #pragma unroll
         for (int r = 0; r < R; ++r) {  // ranks ascending: the reference's fp32 order
-          if (rows[r] != nullptr) add_bf16x8(acc, ep::ld_cg_v4(rows[r] + i));
+          if (rows[r] != nullptr) ep::add_bf16x8(acc, ep::ld_cg_v4(rows[r] + i));
         }
         int4 packed;
         auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);

@@ -21,6 +21,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include "dsv3/ep/bf16x8.cuh"
 #include "dsv3/ep/device_sync.cuh"
 #include "dsv3/ep/nvl_layout.h"
 #include "internode.h"
@@ -95,23 +96,6 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t in
   auto* d = static_cast<int4*>(dst);
   const auto* s = static_cast<const int4*>(src);
   for (int64_t i = lane; i < int4s; i += kWarpSize) d[i] = ld_cg_v4(s + i);
-}
-
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  int4 packed;
-  auto* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return packed;
 }
 
 // Field offsets of a dispatch record (internode_layout.h).
